@@ -1,0 +1,1 @@
+"""`python -m autotune`: Optuna search over TurboAttention kernel configs, per GPU and model."""

@@ -1,0 +1,423 @@
+"""Plain-torch reference of the TurboAttention numerics (DESIGN.md section 4); the ground truth.
+
+Tests, benchmarks and the tuner's accuracy objective all use this module. The Triton kernels do the
+same arithmetic in the same order, so a kernel is compared against `turbo_attention_reference`
+run with the same KernelConfig tightly, and both are compared against `exact_attention` (fp32)
+within a stated floor. Everything runs on CPU or GPU.
+
+Pieces, in the paper's terms:
+- FlashQ / BPQ stage 1: per-tile symmetric INT8 of Q (Br rows), K and V (Bc rows), the softmax
+  scale and log2(e) folded into Q; INT8 QK^T and INT8 PV inside an online softmax over Bc tiles.
+- BPQ stage 2: INT8 codes re-quantized to 4 or 2 bits, asymmetric, integer scale and zero point,
+  packed into uint8 words; head priority (gap x std) picks which KV heads get 2 bits.
+- SAS: 2^x = LUT[n] * poly3(f) with -x = n + f, and scores T octaves below the row max dropped.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from .checks import check_bool, check_config, check_qkv, check_sm_scale, check_tensor
+from .config import REF_MAX_CLAMP, KernelConfig
+
+LOG2E = 1.4426950408889634
+
+# Degree-3 polynomial for 2^-f on f in [0, 1), Horner order c0 + f*(c1 + f*(c2 + f*c3)); a
+# minimax fit of the relative error (Lawson's iteration, see `fit_sas_polynomial`). Its max
+# relative error is 8.4e-5 in fp32; degree 2 reaches only 1.7e-3.
+SAS_POLY_COEFFS = (0.9999415, -0.6911163, 0.23018704, -0.03904148)
+SAS_POLY_MAX_REL_ERROR = 8.5e-5
+# 2^-n for n = 0..126 is exact in fp32 (normal range); past that the LUT returns 0.
+SAS_LUT_SIZE = 127
+
+
+# ----------------------------------------------------------------------------- exact attention
+
+def exact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, sm_scale: float | None = None) -> torch.Tensor:
+    """softmax(q k^T * sm_scale) v in fp32: the accuracy yardstick.
+
+    q: [B, Hq, Nq, D]; k, v: [B, Hkv, Nk, D] with Hq % Hkv == 0 (GQA, K/V shared by Hq/Hkv query
+    heads). Causal masking is aligned bottom-right (query i sees keys j <= i + Nk - Nq), as in
+    flash-attention; a query row that sees no key returns 0. Returns fp32 [B, Hq, Nq, D].
+    """
+    _, hq, hkv, nq, nk, d = check_qkv(q, k, v)
+    check_bool("causal", causal)
+    check_sm_scale(sm_scale)
+    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
+    group = hq // hkv
+    qf = q.float()
+    kf = k.float().repeat_interleave(group, dim=1)
+    vf = v.float().repeat_interleave(group, dim=1)
+    s = torch.matmul(qf, kf.transpose(-1, -2)) * scale
+    if causal:
+        s = s.masked_fill(~causal_mask(nq, nk, q.device), float("-inf"))
+    m = s.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).min)
+    p = torch.exp(s - m)
+    denom = p.sum(dim=-1, keepdim=True)
+    out = torch.matmul(p, vf) / denom.clamp_min(torch.finfo(torch.float32).tiny)
+    return torch.where(denom > 0, out, torch.zeros_like(out))
+
+
+def causal_mask(nq: int, nk: int, device=None) -> torch.Tensor:
+    """[nq, nk] bool, True where query i may see key j (bottom-right aligned)."""
+    rows = torch.arange(nq, device=device)[:, None]
+    cols = torch.arange(nk, device=device)[None, :]
+    return cols <= rows + (nk - nq)
+
+
+# ----------------------------------------------------------------------------- BPQ stage 1
+
+def fold_softmax_scale(q: torch.Tensor, sm_scale: float | None = None) -> torch.Tensor:
+    """q * sm_scale * log2(e) in fp32, so that scores come out in log2 units (softmax in base 2)."""
+    check_tensor("q", q)
+    check_sm_scale(sm_scale)
+    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    return q.float() * (scale * LOG2E)
+
+
+def smooth_k(k: torch.Tensor) -> torch.Tensor:
+    """K minus its per-channel mean over the sequence (a new tensor; the input is untouched).
+
+    Subtracting a vector mu from every key changes row i's scores by the constant q_i . mu, which
+    softmax cancels; it removes the shared offset of outlier channels before quantization.
+    """
+    check_tensor("k", k, ndim=4)
+    kf = k.float()
+    return kf - kf.mean(dim=-2, keepdim=True)
+
+
+def balance_qk_channels(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Move part of K's per-channel outlier magnitude into Q (SmoothQuant-style, alpha = 1/2).
+
+    c[b, h, d] = sqrt(max_n |k[b, h, :, d]|) / sqrt(max_{n, g} |q[b, h*G + g, :, d]|) per KV head h,
+    then k' = k / c and q' = q * c, so q' k'^T = q k^T exactly while both per-tile INT8 grids see
+    the same per-channel range. Without it, a K channel scaled 20x takes most of K's INT8 range and
+    the ordinary channels lose ~4 bits (cosine 0.997 instead of 0.9995 on outlier inputs).
+    q: [B, Hq, N, D] and k: [B, Hkv, N, D], float. Returns (q', k', c) in fp32.
+    """
+    b, hq, _, d = q.shape
+    hkv = k.shape[1]
+    group = hq // hkv
+    k_amax = k.float().abs().amax(dim=2)
+    q_amax = q.float().abs().amax(dim=2).view(b, hkv, group, d).amax(dim=2)
+    tiny = torch.finfo(torch.float32).tiny
+    c = torch.sqrt(k_amax.clamp_min(tiny)) / torch.sqrt(q_amax.clamp_min(tiny))
+    c = torch.where((k_amax > 0) & (q_amax > 0), c, torch.ones_like(c))
+    q_out = q.float() * c.repeat_interleave(group, dim=1)[:, :, None, :]
+    k_out = k.float() / c[:, :, None, :]
+    return q_out, k_out, c
+
+
+def quantize_int8_blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric INT8 per (batch, head, block of `block` rows): s = max|x| / 127.
+
+    x: [B, H, N, D] (any float dtype). Returns codes int8 [B, H, N, D] with
+    code = trunc(x * (127 / amax) +- 0.5) (round half away from zero; the kernels do the same),
+    and scales fp32 [B, H, ceil(N / block)]. A block of zeros gets scale 0 and codes 0.
+    Dequantized, |x - code * s| <= s / 2.
+    """
+    check_tensor("x", x, ndim=4)
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise ValueError(f"block must be a positive int, got {block!r}")
+    b, h, n, d = x.shape
+    nblocks = -(-n // block)
+    xf = x.float()
+    pad = nblocks * block - n
+    if pad:
+        xf = torch.nn.functional.pad(xf, (0, 0, 0, pad))
+    tiles = xf.view(b, h, nblocks, block, d)
+    amax = tiles.abs().amax(dim=(-1, -2))
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    y = tiles * inv[..., None, None]
+    codes = torch.trunc(y + torch.where(y >= 0, 0.5, -0.5)).clamp(-127, 127).to(torch.int8)
+    codes = codes.view(b, h, nblocks * block, d)[:, :, :n]
+    return codes, amax / 127.0
+
+
+def dequantize_int8_blocks(codes: torch.Tensor, scales: torch.Tensor, block: int) -> torch.Tensor:
+    """codes [B, H, N, D] int8 and scales [B, H, nblocks] -> fp32 values."""
+    n = codes.shape[-2]
+    per_row = scales.repeat_interleave(block, dim=-1)[..., :n]
+    return codes.float() * per_row[..., None]
+
+
+# ----------------------------------------------------------------------------- SAS
+
+def sas_exp2(x: torch.Tensor, threshold: float | None = None) -> torch.Tensor:
+    """SAS exponential: 2^x for x <= 0 as LUT[n] * poly3(f), with -x = n + f, 0 <= f < 1.
+
+    LUT[n] = 2^-n is exact (the kernels build it from exponent bits); poly3 is SAS_POLY_COEFFS in
+    Horner order. Values with -x >= threshold (the sparsity threshold T, in log2 units) are 0, and
+    so is anything at or past 2^-127 (and -inf). Relative error vs exp2: SAS_POLY_MAX_REL_ERROR.
+    """
+    check_tensor("x", x)
+    limit = float(SAS_LUT_SIZE) if threshold is None else min(float(threshold), float(SAS_LUT_SIZE))
+    neg = (-x.float()).clamp(0.0, float(SAS_LUT_SIZE))
+    n = torch.floor(neg)
+    f = neg - n
+    c0, c1, c2, c3 = SAS_POLY_COEFFS
+    poly = ((c3 * f + c2) * f + c1) * f + c0
+    lut = torch.exp2(-n)  # exact for integer n in [0, 126]
+    keep = (-x.float()) < limit
+    return torch.where(keep, lut * poly, torch.zeros_like(poly))
+
+
+def fit_sas_polynomial(degree: int = 3, points: int = 20001, iterations: int = 200) -> tuple[float, ...]:
+    """Minimax (relative error) polynomial for 2^-f on [0, 1] by Lawson's reweighted least squares.
+
+    Documents where SAS_POLY_COEFFS come from; tests check that the shipped constants match.
+    """
+    f = torch.linspace(0.0, 1.0, points, dtype=torch.float64)
+    y = torch.exp2(-f)
+    basis = torch.stack([f**i for i in range(degree + 1)], dim=1)
+    weights = torch.full_like(f, 1.0 / points)
+    coeffs = None
+    for _ in range(iterations):
+        w = (weights.sqrt() / y)[:, None]
+        coeffs = torch.linalg.lstsq(basis * w, (y * w[:, 0])[:, None]).solution[:, 0]
+        err = ((basis @ coeffs - y) / y).abs()
+        weights = weights * err
+        weights = weights / weights.sum()
+    return tuple(float(c) for c in coeffs)
+
+
+# ----------------------------------------------------------------------------- FlashQ attention
+
+class QuantizedQKV(NamedTuple):
+    q_codes: torch.Tensor  # int8 [B, Hq, Nq, D], Q already multiplied by sm_scale * log2(e)
+    q_scales: torch.Tensor  # fp32 [B, Hq, ceil(Nq / block_m)]
+    k_codes: torch.Tensor  # int8 [B, Hkv, Nk, D] (smoothed if config.smooth_k)
+    k_scales: torch.Tensor  # fp32 [B, Hkv, ceil(Nk / block_n)]
+    v_codes: torch.Tensor  # int8 [B, Hkv, Nk, D]
+    v_scales: torch.Tensor  # fp32 [B, Hkv, ceil(Nk / block_n)]
+
+
+def quantize_qkv(q, k, v, config: KernelConfig | None = None, sm_scale: float | None = None) -> QuantizedQKV:
+    """BPQ stage 1 for attention: fold the softmax scale into Q, optionally smooth K (mean, then
+    Q/K channel balance), quantize tiles."""
+    check_qkv(q, k, v)
+    config = check_config(config) or KernelConfig()
+    qf = fold_softmax_scale(q, sm_scale)
+    kf = smooth_k(k) if config.smooth_k else k.float()
+    if config.smooth_k:
+        qf, kf, _ = balance_qk_channels(qf, kf)
+    q_codes, q_scales = quantize_int8_blocks(qf, config.block_m)
+    k_codes, k_scales = quantize_int8_blocks(kf, config.block_n)
+    v_codes, v_scales = quantize_int8_blocks(v, config.block_n)
+    return QuantizedQKV(q_codes, q_scales, k_codes, k_scales, v_codes, v_scales)
+
+
+def flashq_attention(qkv: QuantizedQKV, causal: bool, config: KernelConfig) -> torch.Tensor:
+    """INT8 QK^T, base-2 online softmax (SAS or exact), quantized P, INT8 PV over Bc tiles.
+
+    Per KV tile j and query row (scalars per row, tile-wide scales s_q, s_k, s_v):
+      s      = (Qc Kc_j^T) * (s_q * s_k)                      exact int products, fp32 scale
+      m_new  = max(m_old, max_j s)
+      m_ref  = max(max_j s, m_new - 64)   (p_scale "row")  or  m_new  (p_scale "fixed")
+      p      = exp2(s - m_ref) (SAS or exact); p = 0 where s <= m_new - T
+      alpha  = exp2(m_old - m_new);  r = exp2(m_ref - m_new)
+      l      = l * alpha + r * sum_j p
+      acc    = acc * alpha + (floor(127 p + 1/2) Vc_j) * (r * s_v / 127)
+    and o = acc / l. With "row", P is quantized against its tile-row maximum (r carries the
+    difference to the running maximum), which keeps INT8 resolution on flat attention.
+    Fully masked tile rows are exact no-ops; a tile whose every p is 0 adds nothing, so the
+    kernel may skip its PV product without changing the result. Returns fp32 [B, Hq, Nq, D].
+    """
+    q_codes, q_scales, k_codes, k_scales, v_codes, v_scales = qkv
+    b, hq, nq, d = q_codes.shape
+    hkv, nk = k_codes.shape[1], k_codes.shape[2]
+    group = hq // hkv
+    bm, bn = config.block_m, config.block_n
+    threshold = config.sparsity_threshold
+    device = q_codes.device
+    # int8 x int8 sums over D <= 256 (and P x V over Bc <= 256) stay below 2^24, so fp64
+    # matmuls of the codes are exact (and TF32 can never round them).
+    qc = q_codes.double()
+    kc = k_codes.double().repeat_interleave(group, dim=1)
+    vc = v_codes.double().repeat_interleave(group, dim=1)
+    ks = k_scales.repeat_interleave(group, dim=1)
+    vs = v_scales.repeat_interleave(group, dim=1)
+    qs_row = q_scales.repeat_interleave(bm, dim=-1)[..., :nq]  # [B, Hq, Nq]
+
+    rows = torch.arange(nq, device=device)[:, None]
+    m_i = torch.full((b, hq, nq), float("-inf"), device=device)
+    l_i = torch.zeros((b, hq, nq), device=device)
+    acc = torch.zeros((b, hq, nq, d), device=device)
+    for j, start in enumerate(range(0, nk, bn)):
+        stop = min(start + bn, nk)
+        cols = torch.arange(start, stop, device=device)[None, :]
+        s_int = torch.matmul(qc, kc[:, :, start:stop].transpose(-1, -2)).float()
+        s = s_int * (qs_row * ks[:, :, j, None])[..., None]
+        if causal:
+            s = s.masked_fill(~(cols <= rows + (nk - nq)), float("-inf"))
+        m_tile = s.amax(dim=-1)
+        m_new = torch.maximum(m_i, m_tile)
+        m_ref = torch.maximum(m_tile, m_new - REF_MAX_CLAMP) if config.p_scale == "row" else m_new
+        m_ref_safe = torch.where(torch.isfinite(m_ref), m_ref, torch.zeros_like(m_ref))
+        x = s - m_ref_safe[..., None]
+        p = sas_exp2(x) if config.use_sas else torch.exp2(x)
+        if threshold is not None:
+            p = torch.where(s > (m_new - threshold)[..., None], p, torch.zeros_like(p))
+        alpha = torch.exp2(m_i - m_new)
+        alpha = torch.where(torch.isfinite(m_new), alpha, torch.ones_like(alpha))
+        r = torch.where(torch.isfinite(m_new), torch.exp2(m_ref_safe - m_new), torch.zeros_like(m_new))
+        l_i = l_i * alpha + r * p.sum(dim=-1)
+        p_codes = torch.floor(p * 127.0 + 0.5)
+        pv = torch.matmul(p_codes.double(), vc[:, :, start:stop]).float()
+        acc = acc * alpha[..., None] + pv * (r * vs[:, :, j, None] / 127.0)[..., None]
+        m_i = m_new
+    out = acc / l_i.clamp_min(torch.finfo(torch.float32).tiny)[..., None]
+    return torch.where((l_i > 0)[..., None], out, torch.zeros_like(out))
+
+
+def turbo_attention_reference(q, k, v, causal: bool = True, config: KernelConfig | None = None, sm_scale: float | None = None) -> torch.Tensor:
+    """TurboAttention prefill numerics end to end: BPQ stage 1, then FlashQ attention with SAS.
+
+    Same signature and layout as `kernels.turbo_attention`; returns fp32 [B, Hq, Nq, D].
+    """
+    check_qkv(q, k, v)
+    check_bool("causal", causal)
+    config = check_config(config) or KernelConfig()
+    return flashq_attention(quantize_qkv(q, k, v, config, sm_scale), causal, config)
+
+
+# ----------------------------------------------------------------------------- BPQ stage 2
+
+class LowBit(NamedTuple):
+    codes: torch.Tensor  # uint8 codes in [0, 2^bits - 1], shape of the input
+    scale: torch.Tensor  # int16 integer scale >= 1, the input's shape with `dim` reduced to 1
+    zero: torch.Tensor  # int16 zero point (the group minimum), same shape as scale
+
+
+def _check_bits(bits) -> None:
+    if bits not in (2, 4):
+        raise ValueError(f"bits must be 2 or 4, got {bits!r}")
+
+
+def quantize_lowbit(x_int8: torch.Tensor, bits: int, dim: int = -1) -> LowBit:
+    """BPQ stage 2: INT8 codes to asymmetric `bits`-bit codes, one group per slice along `dim`.
+
+    scale = max(1, ceil((max - min) / (2^bits - 1))), zero = min, both integers, and
+    code = clamp(floor((x - zero + scale // 2) / scale), 0, 2^bits - 1), so that dequantizing,
+    code * scale + zero, is integer arithmetic and within scale/2 (+1 at the clamp) of x.
+    K groups are channels over a block of tokens (dim = token axis); V groups are channel
+    groups of one token (dim = channel axis, after reshaping to [..., groups, group_size]).
+    """
+    check_tensor("x_int8", x_int8, dtypes=(torch.int8,))
+    _check_bits(bits)
+    levels = (1 << bits) - 1
+    x = x_int8.to(torch.int32)
+    lo = x.amin(dim=dim, keepdim=True)
+    hi = x.amax(dim=dim, keepdim=True)
+    scale = torch.clamp(-torch.div(-(hi - lo), levels, rounding_mode="floor"), min=1)  # ceil division
+    codes = torch.div(x - lo + scale // 2, scale, rounding_mode="floor").clamp(0, levels)
+    return LowBit(codes.to(torch.uint8), scale.to(torch.int16), lo.to(torch.int16))
+
+
+def dequantize_lowbit(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """code * scale + zero as int32 (back on the INT8 grid; multiply by the stage-1 scale for floats)."""
+    return codes.to(torch.int32) * scale.to(torch.int32) + zero.to(torch.int32)
+
+
+def pack_lowbit(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack `bits`-bit codes along the last dim into uint8 words, lowest bits first.
+
+    [..., D] -> [..., D * bits / 8]; D must be a multiple of 8 / bits. Code i of a word sits at
+    bit offset (i % (8/bits)) * bits.
+    """
+    check_tensor("codes", codes, dtypes=(torch.uint8,))
+    _check_bits(bits)
+    per_word = 8 // bits
+    if codes.shape[-1] % per_word:
+        raise ValueError(f"codes' last dim must be a multiple of {per_word} for {bits}-bit packing, got {codes.shape[-1]}")
+    if codes.numel() and int(codes.max()) >= (1 << bits):
+        raise ValueError(f"codes must be < {1 << bits} for {bits}-bit packing, got max {int(codes.max())}")
+    c = codes.to(torch.int32).reshape(*codes.shape[:-1], codes.shape[-1] // per_word, per_word)
+    shifts = torch.arange(per_word, device=codes.device, dtype=torch.int32) * bits
+    return (c << shifts).sum(dim=-1).to(torch.uint8)
+
+
+def unpack_lowbit(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of `pack_lowbit`: [..., W] uint8 -> [..., W * 8 / bits] uint8 codes."""
+    check_tensor("packed", packed, dtypes=(torch.uint8,))
+    _check_bits(bits)
+    per_word = 8 // bits
+    shifts = torch.arange(per_word, device=packed.device, dtype=torch.int32) * bits
+    c = (packed.to(torch.int32)[..., None] >> shifts) & ((1 << bits) - 1)
+    return c.reshape(*packed.shape[:-1], packed.shape[-1] * per_word).to(torch.uint8)
+
+
+# ----------------------------------------------------------------------------- head-wise mixed precision
+
+def head_priority(x: torch.Tensor) -> torch.Tensor:
+    """Priority of each KV head: (max - min) * std of its values over batch, tokens and channels.
+
+    x: [B, H, N, D] (K or V over the calibration window). Returns fp32 [H]. High gap and
+    spread mean more quantization error at low bit width, so high priority keeps 4 bits.
+    """
+    check_tensor("x", x, ndim=4)
+    h = x.shape[1]
+    per_head = x.float().transpose(0, 1).reshape(h, -1)
+    gap = per_head.amax(dim=1) - per_head.amin(dim=1)
+    std = per_head.std(dim=1, unbiased=False)
+    return gap * std
+
+
+def num_low_bit_heads(num_heads: int, bit_mix: float) -> int:
+    """How many of `num_heads` go to 2 bits for `bit_mix`: floor(bit_mix * H) (1e-9 slack for 0.5 * 2 etc.)."""
+    if not 0.0 <= bit_mix <= 1.0:
+        raise ValueError(f"bit_mix must be in [0, 1], got {bit_mix}")
+    return int(math.floor(bit_mix * num_heads + 1e-9))
+
+
+def assign_head_bits(priority: torch.Tensor, bit_mix: float) -> torch.Tensor:
+    """Bits per head: the floor(bit_mix * H) lowest-priority heads get 2, the rest 4 (ties: lower index first)."""
+    check_tensor("priority", priority, ndim=1)
+    if isinstance(bit_mix, bool) or not isinstance(bit_mix, (int, float)):
+        raise TypeError(f"bit_mix must be a float in [0, 1], got {bit_mix!r}")
+    n_low = num_low_bit_heads(priority.numel(), float(bit_mix))
+    order = torch.sort(priority.float().cpu(), stable=True).indices
+    bits = torch.full((priority.numel(),), 4, dtype=torch.int32)
+    bits[order[:n_low]] = 2
+    return bits.to(priority.device)
+
+
+# ----------------------------------------------------------------------------- error metrics
+
+class AttentionError(NamedTuple):
+    cosine: float
+    rel_l1: float
+    sqnr_db: float
+    max_abs: float
+
+
+def attention_error(out: torch.Tensor, ref: torch.Tensor) -> AttentionError:
+    """Cosine similarity, relative L1, SQNR (dB) and max abs error of `out` against `ref` (fp32)."""
+    check_tensor("out", out)
+    check_tensor("ref", ref)
+    if out.shape != ref.shape:
+        raise ValueError(f"out and ref must have one shape, got {tuple(out.shape)} and {tuple(ref.shape)}")
+    o = out.double().flatten()
+    r = ref.double().flatten()
+    err = o - r
+    cosine = float(torch.dot(o, r) / (o.norm() * r.norm()).clamp_min(1e-300))
+    rel_l1 = float(err.abs().sum() / r.abs().sum().clamp_min(1e-300))
+    sqnr = float(10.0 * torch.log10((r.pow(2).sum() / err.pow(2).sum().clamp_min(1e-300)).clamp_min(1e-300)))
+    return AttentionError(cosine, rel_l1, sqnr, float(err.abs().max()) if err.numel() else 0.0)
+
+
+def outlier_qkv(b: int, hq: int, hkv: int, n: int, d: int, dtype=torch.float16, device="cpu", seed: int = 0,
+                outlier_channels: int = 4, outlier_scale: tuple[float, float] = (10.0, 20.0)):
+    """Random q, k, v with LLM-like outlier key channels (a few channels scaled 10-20x, plus a shared offset)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    q = torch.randn(b, hq, n, d, generator=gen)
+    k = torch.randn(b, hkv, n, d, generator=gen)
+    v = torch.randn(b, hkv, n, d, generator=gen)
+    channels = torch.randperm(d, generator=gen)[:outlier_channels]
+    lo, hi = outlier_scale
+    factors = lo + (hi - lo) * torch.rand(outlier_channels, generator=gen)
+    k[..., channels] = k[..., channels] * factors + factors  # scaled and offset, as real keys are
+    return tuple(t.to(device=device, dtype=dtype) for t in (q, k, v))
