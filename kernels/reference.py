@@ -220,7 +220,7 @@ def flashq_attention(qkv: QuantizedQKV, causal: bool, config: KernelConfig) -> t
       p      = exp2(s - m_ref) (SAS or exact); p = 0 where s <= m_new - T
       alpha  = exp2(m_old - m_new);  r = exp2(m_ref - m_new)
       l      = l * alpha + r * sum_j p
-      acc    = acc * alpha + (floor(127 p + 1/2) Vc_j) * (r * s_v / 127)
+      acc    = acc * alpha + (round(127 p) Vc_j) * (r * s_v / 127)   (round half to even)
     and o = acc / l. With "row", P is quantized against its tile-row maximum (r carries the
     difference to the running maximum), which keeps INT8 resolution on flat attention.
     Fully masked tile rows are exact no-ops; a tile whose every p is 0 adds nothing, so the
@@ -265,7 +265,7 @@ def flashq_attention(qkv: QuantizedQKV, causal: bool, config: KernelConfig) -> t
         alpha = torch.where(torch.isfinite(m_new), alpha, torch.ones_like(alpha))
         r = torch.where(torch.isfinite(m_new), torch.exp2(m_ref_safe - m_new), torch.zeros_like(m_new))
         l_i = l_i * alpha + r * p.sum(dim=-1)
-        p_codes = torch.floor(p * 127.0 + 0.5)
+        p_codes = torch.round(p * 127.0)
         pv = torch.matmul(p_codes.double(), vc[:, :, start:stop]).float()
         acc = acc * alpha[..., None] + pv * (r * vs[:, :, j, None] / 127.0)[..., None]
         m_i = m_new

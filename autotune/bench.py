@@ -1,0 +1,317 @@
+"""`python -m autotune bench prefill`: TurboAttention against its peers, same process, same inputs.
+
+Providers: `turbo` (quantization pass + attention kernel, the headline), `turbo_kernel` (attention
+kernel on pre-quantized tiles) and `turbo_quant` (the quantization pass alone), for the time
+breakdown; `sdpa_flash` and `sdpa_cudnn` (torch SDPA backends, fp16) and `sage1`
+(SageAttention 1.0.6 when importable). TOPS = 4 * B * Hq * N^2 * D, halved for causal, for every
+provider. Times: triton.testing.do_bench (L2 flushed before each run, warm-up excluded),
+p20/p50/p80 in ms. Accuracy: cosine and relative L1 of each output against fp32 attention of the
+same inputs. Rows go to reports/bench/prefill-<gpu>.csv (appended; one row per measurement).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import math
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+SEED_MODELS = {
+    # name: (Hq, Hkv, D)
+    "phi3-mini": (32, 32, 96),
+    "llama3-8b": (32, 8, 128),
+    "qwen2.5-7b": (28, 4, 128),
+}
+DEFAULT_TOKENS = 16384  # batch = tokens // N, as in DESIGN section 7 (N=4k with B=4, N=16k with B=1)
+PREFILL_COLUMNS = ["kernel", "provider", "model", "batch", "hq", "hkv", "n", "d", "dtype", "causal", "config",
+                   "ms_p20", "ms_p50", "ms_p80", "tops", "cosine", "rel_l1", "quant_in_timed_region",
+                   "kv_repeated_for_peer", "gpu", "torch", "triton", "git_sha", "date"]
+
+
+def _git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=pathlib.Path(__file__).resolve().parents[1], timeout=10).stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def gpu_key(name: str) -> str:
+    n = name.lower()
+    for token, key in (("h200", "h200"), ("h100", "h100"), ("a100", "a100"), ("l40s", "l40s"), ("l4", "l4")):
+        if token in n:
+            return key
+    return "".join(c if c.isalnum() else "-" for c in n).strip("-")
+
+
+def time_ms(fn, warmup: int = 25, rep: int = 100) -> tuple[float, float, float]:
+    """(p20, p50, p80) in ms; do_bench clears L2 before every timed call."""
+    import triton
+
+    p20, p50, p80 = triton.testing.do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.2, 0.5, 0.8])
+    return float(p20), float(p50), float(p80)
+
+
+def exact_reference(q, k, v, causal: bool):
+    """fp32 attention on the GPU, head-group by head-group, without materialising N x N for all heads."""
+    import torch
+    import torch.nn.functional as F
+
+    group = q.shape[1] // k.shape[1]
+    out = torch.empty(q.shape, device=q.device, dtype=torch.float32)
+    for b in range(q.shape[0]):
+        for h0 in range(0, q.shape[1], 8):
+            h1 = min(h0 + 8, q.shape[1])
+            heads = torch.arange(h0, h1, device=q.device) // group
+            out[b, h0:h1] = F.scaled_dot_product_attention(
+                q[b, h0:h1].float()[None], k[b, heads].float()[None], v[b, heads].float()[None], is_causal=causal)[0]
+    return out
+
+
+def _peers(q, k, v, causal: bool):
+    """name -> (callable, kv_repeated) for each peer that runs here."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    group = q.shape[1] // k.shape[1]
+    kr = k.repeat_interleave(group, dim=1) if group > 1 else k
+    vr = v.repeat_interleave(group, dim=1) if group > 1 else v
+    peers = {}
+    for name, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
+        for gqa in (True, False):
+            kk, vv = (k, v) if gqa else (kr, vr)
+
+            def run(backend=backend, kk=kk, vv=vv, gqa=gqa):
+                with sdpa_kernel(backend):
+                    return F.scaled_dot_product_attention(q, kk, vv, is_causal=causal, enable_gqa=gqa and group > 1)
+            try:
+                run()
+                torch.cuda.synchronize()
+                peers[name] = (run, not gqa and group > 1)
+                break
+            except Exception as exc:  # backend refuses this shape/GQA: try the repeated-KV form
+                last = exc
+        else:
+            print(f"  {name}: unavailable ({type(last).__name__}: {str(last)[:80]})")
+    try:
+        from sageattention import sageattn
+
+        def sage():
+            return sageattn(q, kr, vr, tensor_layout="HND", is_causal=causal)
+        sage()
+        torch.cuda.synchronize()
+        peers["sage1"] = (sage, group > 1)
+    except Exception as exc:
+        print(f"  sage1: unavailable ({type(exc).__name__}: {str(exc)[:80]})")
+    return peers
+
+
+def bench_prefill(models, ns, tokens: int, causal: bool, out_dir: pathlib.Path, config=None, dtype_name="float16",
+                  providers=None) -> list[dict]:
+    import torch
+    import triton
+
+    from kernels import KernelConfig, reference
+    from kernels.prefill import flashq_attention_from_tiles, turbo_attention
+    from kernels.quant import quantize_qkv_tiles
+
+    if not torch.cuda.is_available():
+        raise SystemExit("bench prefill needs a CUDA GPU (timings are measured, never predicted here)")
+    dtype = getattr(torch, dtype_name)
+    config = config or KernelConfig()
+    gpu_name = torch.cuda.get_device_name()
+    meta = dict(gpu=gpu_name, torch=torch.__version__, triton=triton.__version__, git_sha=_git_sha(),
+                date=_dt.date.today().isoformat())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"prefill-{gpu_key(gpu_name)}.csv"
+    rows = []
+    for model in models:
+        hq, hkv, d = SEED_MODELS[model]
+        for n in ns:
+            batch = max(1, tokens // n)
+            q, k, v = reference.outlier_qkv(batch, hq, hkv, n, d, dtype=dtype, device="cuda", seed=n)
+            ref = exact_reference(q, k, v, causal)
+            flops = 4.0 * batch * hq * n * n * d / (2.0 if causal else 1.0)
+            scale = 1.0 / math.sqrt(d)
+            tiles = quantize_qkv_tiles(q, k, v, config.block_m, config.block_n, scale, config.smooth_k)
+            out = torch.empty_like(q)
+            fns = {
+                "turbo": (lambda: turbo_attention(q, k, v, causal=causal, config=config), False),
+                "turbo_kernel": (lambda: flashq_attention_from_tiles(tiles, out, n, causal, config), False),
+                "turbo_quant": (lambda: quantize_qkv_tiles(q, k, v, config.block_m, config.block_n, scale, config.smooth_k), False),
+            }
+            fns.update(_peers(q, k, v, causal))
+            for provider, (fn, repeated) in fns.items():
+                if providers and provider not in providers:
+                    continue
+                p20, p50, p80 = time_ms(fn)
+                res = fn()
+                if provider == "turbo_quant":
+                    cos = rel = float("nan")
+                else:
+                    err = reference.attention_error(res.float(), ref)
+                    cos, rel = err.cosine, err.rel_l1
+                row = dict(kernel="prefill", provider=provider, model=model, batch=batch, hq=hq, hkv=hkv, n=n, d=d,
+                           dtype=dtype_name, causal=causal,
+                           config=config_label(config) if provider.startswith("turbo") else "",
+                           ms_p20=round(p20, 5), ms_p50=round(p50, 5), ms_p80=round(p80, 5),
+                           tops=round(flops / (p50 * 1e-3) / 1e12, 1) if provider != "turbo_quant" else "",
+                           cosine=round(cos, 6), rel_l1=round(rel, 6), quant_in_timed_region=provider == "turbo",
+                           kv_repeated_for_peer=repeated, **meta)
+                rows.append(row)
+                print(f"{model:11s} N={n:6d} B={batch:2d} {provider:13s} {p50:8.3f} ms  {row['tops']!s:>7} TOPS  cos={cos:.5f}", flush=True)
+            del q, k, v, ref, tiles, out
+            torch.cuda.empty_cache()
+    write_rows(path, rows, PREFILL_COLUMNS)
+    print(f"wrote {len(rows)} rows to {path}")
+    return rows
+
+
+def config_label(config) -> str:
+    thr = "none" if config.sparsity_threshold is None else f"{config.sparsity_threshold:g}"
+    return (f"bm{config.block_m}-bn{config.block_n}-w{config.num_warps}-s{config.num_stages}-"
+            f"{'sas' if config.use_sas else 'exp2'}-p{config.p_scale}-t{thr}{'-smooth' if config.smooth_k else ''}")
+
+
+def write_rows(path: pathlib.Path, rows: list[dict], columns: list[str]) -> None:
+    new = not path.exists()
+    with path.open("a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+
+
+def sweep_prefill(model: str, n: int, tokens: int, causal: bool, grid: dict, out_dir: pathlib.Path) -> list[dict]:
+    """Time many configs of the attention kernel (quantization pass included) on one shape."""
+    import itertools
+
+    import torch
+    import triton
+
+    from kernels import KernelConfig, reference
+    from kernels.prefill import turbo_attention
+
+    hq, hkv, d = SEED_MODELS[model]
+    batch = max(1, tokens // n)
+    q, k, v = reference.outlier_qkv(batch, hq, hkv, n, d, dtype=torch.float16, device="cuda", seed=n)
+    ref = exact_reference(q, k, v, causal)
+    flops = 4.0 * batch * hq * n * n * d / (2.0 if causal else 1.0)
+    keys = list(grid)
+    rows = []
+    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                git_sha=_git_sha(), date=_dt.date.today().isoformat())
+    for values in itertools.product(*(grid[k] for k in keys)):
+        cfg = KernelConfig(**dict(zip(keys, values)))
+        t0 = time.time()
+        try:
+            res = turbo_attention(q, k, v, causal=causal, config=cfg)
+            torch.cuda.synchronize()
+            p20, p50, p80 = time_ms(lambda: turbo_attention(q, k, v, causal=causal, config=cfg), warmup=10, rep=50)
+        except Exception as exc:
+            print(f"  {config_label(cfg)}: failed {type(exc).__name__}: {str(exc)[:100]}")
+            continue
+        err = reference.attention_error(res.float(), ref)
+        row = dict(kernel="prefill", provider="turbo", model=model, batch=batch, hq=hq, hkv=hkv, n=n, d=d,
+                   dtype="float16", causal=causal, config=config_label(cfg), ms_p20=round(p20, 5),
+                   ms_p50=round(p50, 5), ms_p80=round(p80, 5), tops=round(flops / (p50 * 1e-3) / 1e12, 1),
+                   cosine=round(err.cosine, 6), rel_l1=round(err.rel_l1, 6), quant_in_timed_region=True,
+                   kv_repeated_for_peer=False, **meta)
+        rows.append(row)
+        print(f"  {config_label(cfg):52s} {p50:7.3f} ms {row['tops']:6.1f} TOPS cos={err.cosine:.5f} ({time.time() - t0:.1f}s)", flush=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_rows(out_dir / f"sweep-prefill-{gpu_key(meta['gpu'])}.csv", rows, PREFILL_COLUMNS)
+    return rows
+
+
+def sass_summary(config=None, d: int = 128, causal: bool = True) -> dict:
+    """Instruction counts of interest in the attention kernel's SASS (tensor-core, conversions, MUFU)."""
+    import re
+
+    import torch
+
+    from kernels import KernelConfig, reference
+    from kernels.prefill import _flashq_fwd_kernel, flashq_attention_from_tiles
+    from kernels.quant import quantize_qkv_tiles
+
+    config = config or KernelConfig()
+    q, k, v = reference.outlier_qkv(1, 2, 2, 1024, d, device="cuda")
+    tiles = quantize_qkv_tiles(q, k, v, config.block_m, config.block_n, d ** -0.5, config.smooth_k)
+    flashq_attention_from_tiles(tiles, torch.empty_like(q), 1024, causal, config)
+    cache = _flashq_fwd_kernel.device_caches[torch.cuda.current_device()][0]
+    kernel = list(cache.values())[-1]
+    asm = kernel.asm.get("sass") or ""
+    if not asm:
+        return {"sass": "unavailable"}
+    ops = re.findall(r"^\s+/\*[0-9a-f]+\*/\s+([A-Z][A-Z0-9_.]+)", asm, flags=re.M)
+    counts = {}
+    for op in ops:
+        base = op.split(".")[0]
+        counts[base] = counts.get(base, 0) + 1
+    keys = ["IGMMA", "HGMMA", "IMMA", "HMMA", "I2F", "F2I", "F2F", "I2FP", "F2IP", "MUFU", "FFMA", "FMUL", "FADD", "IADD3", "PRMT", "LDS", "LDG", "LDGSTS", "SYNCS", "UTMALDG"]
+    return {k: counts.get(k, 0) for k in keys} | {"total": len(ops), "regs": getattr(kernel, "n_regs", None),
+                                                   "spills": getattr(kernel, "n_spills", None)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m autotune bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("kernel", choices=["prefill", "sweep-prefill", "sass"])
+    parser.add_argument("--models", default=",".join(SEED_MODELS), help="comma-separated: " + ", ".join(SEED_MODELS))
+    parser.add_argument("--n", default="1024,4096,16384", help="sequence lengths, comma-separated")
+    parser.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="batch = tokens // N (default %(default)s)")
+    parser.add_argument("--non-causal", action="store_true")
+    parser.add_argument("--out", default="reports/bench", help="folder for the CSV (default %(default)s)")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="KernelConfig field for turbo (repeatable), e.g. --set block_n=128")
+    parser.add_argument("--providers", default="", help="only these providers (comma-separated)")
+    args = parser.parse_args(argv)
+    from kernels import KernelConfig
+
+    changes = {}
+    for item in args.set:
+        key, _, raw = item.partition("=")
+        changes[key] = _parse_value(raw)
+    config = KernelConfig().replace(**changes) if changes else KernelConfig()
+    models = [m for m in args.models.split(",") if m]
+    for m in models:
+        if m not in SEED_MODELS:
+            parser.error(f"--models: unknown model {m!r}; choose from {', '.join(SEED_MODELS)}")
+    ns = [int(x) for x in args.n.split(",") if x]
+    out = pathlib.Path(args.out)
+    if args.kernel == "prefill":
+        bench_prefill(models, ns, args.tokens, not args.non_causal, out, config,
+                      providers=set(p for p in args.providers.split(",") if p) or None)
+    elif args.kernel == "sweep-prefill":
+        grid = {"block_m": [64, 128], "block_n": [64, 128], "num_warps": [4, 8], "num_stages": [2, 3],
+                "use_sas": [False, True]}
+        for m in models:
+            for n in ns:
+                sweep_prefill(m, n, args.tokens, not args.non_causal, grid, out)
+    else:
+        print(sass_summary(config))
+    return 0
+
+
+def _parse_value(raw: str):
+    low = raw.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low == "none":
+        return None
+    for cast in (int, float):
+        try:
+            return cast(raw)
+        except ValueError:
+            pass
+    return raw
+
+
+if __name__ == "__main__":
+    sys.exit(main())

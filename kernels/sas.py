@@ -1,0 +1,67 @@
+"""Triton helpers for SAS (the paper's Sparse Activated Softmax) and cheap numeric conversions.
+
+`sas_exp2(x)`: 2^x for x <= 0 as LUT[n] * poly3(f) with -x = n + f. The LUT of 2^-n is built
+from exponent bits ((127 - n) << 23 reinterpreted as fp32), so it costs two integer ops and no
+memory; poly3 runs on the FMA pipe, leaving the special-function unit (which exp2 uses) free.
+
+`int_to_float_exact(i)`: int32 -> fp32 for |i| < 2^22 without an I2F conversion instruction:
+adding the integer to the bits of 1.5 * 2^23 lands it in the mantissa, and one fp32 subtraction
+removes the offset. Conversions run at a fraction of the FMA rate on Hopper (DESIGN section 8).
+
+`round_to_int8(p)`: p in [0, 127.x] -> int8 by the same trick (round to nearest even), instead
+of an F2I conversion.
+"""
+
+import triton
+import triton.language as tl
+
+from .reference import SAS_POLY_COEFFS
+
+SAS_C0 = tl.constexpr(SAS_POLY_COEFFS[0])
+SAS_C1 = tl.constexpr(SAS_POLY_COEFFS[1])
+SAS_C2 = tl.constexpr(SAS_POLY_COEFFS[2])
+SAS_C3 = tl.constexpr(SAS_POLY_COEFFS[3])
+MAGIC_F = tl.constexpr(12582912.0)  # 1.5 * 2^23
+MAGIC_I = tl.constexpr(0x4B400000)  # its bits
+
+
+# 127 * 2^x = 2^(7 - n) * (127/128) * poly3(f): the P quantization scale folds into the exponent
+# bias and the coefficients, so the kernel gets P on its INT8 grid with no extra multiply.
+SAS127_C0 = tl.constexpr(SAS_POLY_COEFFS[0] * 127.0 / 128.0)
+SAS127_C1 = tl.constexpr(SAS_POLY_COEFFS[1] * 127.0 / 128.0)
+SAS127_C2 = tl.constexpr(SAS_POLY_COEFFS[2] * 127.0 / 128.0)
+SAS127_C3 = tl.constexpr(SAS_POLY_COEFFS[3] * 127.0 / 128.0)
+
+
+@triton.jit
+def sas_exp2(x):
+    """2^x for x <= 0 (or -inf): exact power of two from exponent bits times a degree-3 polynomial."""
+    neg = tl.minimum(-x, 127.0)
+    n = tl.floor(neg)
+    f = neg - n
+    poly = ((SAS_C3 * f + SAS_C2) * f + SAS_C1) * f + SAS_C0
+    pow2 = ((127 - n.to(tl.int32)) << 23).to(tl.float32, bitcast=True)
+    return pow2 * poly
+
+
+@triton.jit
+def sas_exp2_times_127(x):
+    """127 * 2^x for x <= 0 by SAS; 0 once -x >= 134 (the reference zeroes from 127 on: < 1e-36 apart)."""
+    neg = tl.minimum(-x, 134.0)
+    n = tl.floor(neg)
+    f = neg - n
+    poly = ((SAS127_C3 * f + SAS127_C2) * f + SAS127_C1) * f + SAS127_C0
+    pow2 = ((134 - n.to(tl.int32)) << 23).to(tl.float32, bitcast=True)
+    return pow2 * poly
+
+
+@triton.jit
+def int_to_float_exact(i):
+    """int32 with |i| < 2^22 -> fp32, exactly, on the ALU and FMA pipes (no I2F)."""
+    return (i + MAGIC_I).to(tl.float32, bitcast=True) - MAGIC_F
+
+
+@triton.jit
+def round_to_uint7(x):
+    """fp32 x in [0, 127.5) -> int8 round-half-even(x), by FADD and a byte truncation (no F2I)."""
+    return (x + MAGIC_F).to(tl.int32, bitcast=True).to(tl.int8)
