@@ -260,6 +260,11 @@ def sass_summary(config=None, d: int = 128, causal: bool = True) -> dict:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "decode":
+        from .bench_decode import main as decode_main  # the decode benchmark lives beside this one
+
+        return decode_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m autotune bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("kernel", choices=["prefill", "sweep-prefill", "sass"])
