@@ -118,8 +118,8 @@ def bench_prefill(models, ns, tokens: int, causal: bool, out_dir: pathlib.Path, 
     import triton
 
     from kernels import KernelConfig, reference
-    from kernels.prefill import flashq_attention_from_tiles, turbo_attention
-    from kernels.quant import quantize_qkv_tiles
+    from kernels.prefill import launch_flashq, turbo_attention
+    from kernels.quant import quantize_kv_tiles
 
     if not torch.cuda.is_available():
         raise SystemExit("bench prefill needs a CUDA GPU (timings are measured, never predicted here)")
@@ -139,12 +139,12 @@ def bench_prefill(models, ns, tokens: int, causal: bool, out_dir: pathlib.Path, 
             ref = exact_reference(q, k, v, causal)
             flops = 4.0 * batch * hq * n * n * d / (2.0 if causal else 1.0)
             scale = 1.0 / math.sqrt(d)
-            tiles = quantize_qkv_tiles(q, k, v, config.block_m, config.block_n, scale, config.smooth_k)
+            tiles = quantize_kv_tiles(q, k, v, config.block_n, scale, config.smooth_k)
             out = torch.empty_like(q)
             fns = {
                 "turbo": (lambda: turbo_attention(q, k, v, causal=causal, config=config), False),
-                "turbo_kernel": (lambda: flashq_attention_from_tiles(tiles, out, n, causal, config), False),
-                "turbo_quant": (lambda: quantize_qkv_tiles(q, k, v, config.block_m, config.block_n, scale, config.smooth_k), False),
+                "turbo_kernel": (lambda: launch_flashq(q, tiles, out, causal, config, scale), False),
+                "turbo_quant": (lambda: quantize_kv_tiles(q, k, v, config.block_n, scale, config.smooth_k), False),
             }
             fns.update(_peers(q, k, v, causal))
             for provider, (fn, repeated) in fns.items():
@@ -237,26 +237,59 @@ def sass_summary(config=None, d: int = 128, causal: bool = True) -> dict:
     import torch
 
     from kernels import KernelConfig, reference
-    from kernels.prefill import _flashq_fwd_kernel, flashq_attention_from_tiles
-    from kernels.quant import quantize_qkv_tiles
+    from kernels.prefill import _flashq_fwd_kernel, launch_flashq
+    from kernels.quant import quantize_kv_tiles
 
     config = config or KernelConfig()
     q, k, v = reference.outlier_qkv(1, 2, 2, 1024, d, device="cuda")
-    tiles = quantize_qkv_tiles(q, k, v, config.block_m, config.block_n, d ** -0.5, config.smooth_k)
-    flashq_attention_from_tiles(tiles, torch.empty_like(q), 1024, causal, config)
-    cache = _flashq_fwd_kernel.device_caches[torch.cuda.current_device()][0]
-    kernel = list(cache.values())[-1]
-    asm = kernel.asm.get("sass") or ""
+    kv = quantize_kv_tiles(q, k, v, config.block_n, d ** -0.5, config.smooth_k)
+    launch_flashq(q, kv, torch.empty_like(q), causal, config, d ** -0.5)
+    torch.cuda.synchronize()
+    kernel = None
+    for cache in _flashq_fwd_kernel.device_caches.values():
+        for compiled in cache[0].values():
+            kernel = compiled
+    if kernel is None:
+        return {"sass": "no compiled kernel found"}
+    asm = ""
+    try:
+        asm = kernel.asm.get("sass") or ""
+    except Exception as exc:
+        asm = ""
+        print("sass unavailable:", exc)
+    if not asm:
+        try:
+            import tempfile
+
+            from triton.backends.nvidia.compiler import get_nvdisasm_path  # noqa: F401
+        except Exception:
+            pass
+        cubin = kernel.asm.get("cubin")
+        if cubin:
+            import shutil
+            import tempfile
+
+            tool = shutil.which("cuobjdump") or shutil.which("nvdisasm")
+            here = pathlib.Path(__import__("triton").__file__).parent / "backends" / "nvidia" / "bin"
+            for name in ("cuobjdump", "nvdisasm"):
+                if (here / name).exists():
+                    tool = str(here / name)
+                    break
+            if tool:
+                with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as fh:
+                    fh.write(cubin)
+                args = [tool, "-sass", fh.name] if tool.endswith("cuobjdump") else [tool, fh.name]
+                asm = subprocess.run(args, capture_output=True, text=True).stdout
     if not asm:
         return {"sass": "unavailable"}
-    ops = re.findall(r"^\s+/\*[0-9a-f]+\*/\s+([A-Z][A-Z0-9_.]+)", asm, flags=re.M)
+    ops = re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", asm, flags=re.M)
     counts = {}
     for op in ops:
         base = op.split(".")[0]
         counts[base] = counts.get(base, 0) + 1
-    keys = ["IGMMA", "HGMMA", "IMMA", "HMMA", "I2F", "F2I", "F2F", "I2FP", "F2IP", "MUFU", "FFMA", "FMUL", "FADD", "IADD3", "PRMT", "LDS", "LDG", "LDGSTS", "SYNCS", "UTMALDG"]
-    return {k: counts.get(k, 0) for k in keys} | {"total": len(ops), "regs": getattr(kernel, "n_regs", None),
-                                                   "spills": getattr(kernel, "n_spills", None)}
+    top = sorted(counts.items(), key=lambda kv: -kv[1])[:25]
+    return {"total": len(ops), "regs": getattr(kernel, "n_regs", None), "spills": getattr(kernel, "n_spills", None),
+            "top": top}
 
 
 def main(argv=None) -> int:
@@ -267,7 +300,7 @@ def main(argv=None) -> int:
         return decode_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m autotune bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("kernel", choices=["prefill", "sweep-prefill", "sass"])
+    parser.add_argument("kernel", choices=["prefill", "sweep-prefill", "sass", "quant-parts"])
     parser.add_argument("--models", default=",".join(SEED_MODELS), help="comma-separated: " + ", ".join(SEED_MODELS))
     parser.add_argument("--n", default="1024,4096,16384", help="sequence lengths, comma-separated")
     parser.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="batch = tokens // N (default %(default)s)")
@@ -276,6 +309,7 @@ def main(argv=None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="KernelConfig field for turbo (repeatable), e.g. --set block_n=128")
     parser.add_argument("--providers", default="", help="only these providers (comma-separated)")
+    parser.add_argument("--grid", default="", help="sweep grid, e.g. 'block_m=64,128;block_n=128;use_sas=false'")
     args = parser.parse_args(argv)
     from kernels import KernelConfig
 
@@ -296,27 +330,43 @@ def main(argv=None) -> int:
     elif args.kernel == "sweep-prefill":
         grid = {"block_m": [64, 128], "block_n": [64, 128], "num_warps": [4, 8], "num_stages": [2, 3],
                 "use_sas": [False, True]}
+        if args.grid:
+            grid = {key: [_parse_value(v) for v in values.split(",")]
+                    for key, _, values in (part.partition("=") for part in args.grid.split(";") if part)}
+        base = config.to_dict()
+        grid = {key: grid.get(key, [base[key]]) for key in base}
         for m in models:
             for n in ns:
                 sweep_prefill(m, n, args.tokens, not args.non_causal, grid, out)
+    elif args.kernel == "quant-parts":
+        for m in models:
+            for n in ns:
+                quant_parts(m, n, args.tokens, config)
     else:
         print(sass_summary(config))
     return 0
 
 
-def _parse_value(raw: str):
-    low = raw.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    if low == "none":
-        return None
-    for cast in (int, float):
-        try:
-            return cast(raw)
-        except ValueError:
-            pass
-    return raw
+def quant_parts(model: str, n: int, tokens: int, config) -> None:
+    """Time the pieces of the prefill separately (where the time goes)."""
+    import torch
 
+    from kernels import quant, reference
+    from kernels.prefill import launch_flashq
 
-if __name__ == "__main__":
-    sys.exit(main())
+    hq, hkv, d = SEED_MODELS[model]
+    batch = max(1, tokens // n)
+    q, k, v = reference.outlier_qkv(batch, hq, hkv, n, d, dtype=torch.float16, device="cuda", seed=n)
+    dp = quant.padded_head_dim(d)
+    scale = d ** -0.5
+    kv = quant.quantize_kv_tiles(q, k, v, config.block_n, scale, config.smooth_k)
+    out = torch.empty_like(q)
+    parts = {
+        "smoothing_vectors": lambda: quant.smoothing_vectors(q, k, scale * reference.LOG2E, dp),
+        "quantize_kv_tiles": lambda: quant.quantize_kv_tiles(q, k, v, config.block_n, scale, config.smooth_k),
+        "attention_kernel": lambda: launch_flashq(q, kv, out, True, config, scale),
+        "torch_copy_q": lambda: q.clone(),
+    }
+    for name, fn in parts.items():
+        p20, p50, p80 = time_ms(fn)
+        print(f"{model:11s} N={n:6d} {name:18s} {p50 * 1e3:8.1f} us", flush=True)

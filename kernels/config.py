@@ -59,21 +59,25 @@ class KernelConfig:
       buffer_tokens: n_b, tokens kept in fp16 before a flush; also the K quantization group
         (K is quantized per channel over each block of n_b tokens).
       v_group: channels per V quantization group (V is quantized per token over channel groups).
+    Defaults are the fastest accurate prefill measured on an H100 (reports/bench/sweep-prefill-h100.csv):
+    Br=64, Bc=128, 4 warps, 3 stages; exact exp2 without a threshold, because there the SAS
+    polynomial ran ~1.5x slower than the special-function unit and the threshold's compare-select
+    cost ~15% while the SFU was not the binding unit. SAS stays a tuned choice (and an ablation).
     Decode (split-KV, flash-decoding style):
       decode_block_n, decode_num_warps, decode_num_stages: launch parameters of the decode kernel.
       num_splits: partitions of the context per (sequence, KV head); None = chosen from the
         context length and the GPU's SM count.
     """
 
-    block_m: int = 128
-    block_n: int = 64
-    num_warps: int = 8
-    num_stages: int = 2
+    block_m: int = 64
+    block_n: int = 128
+    num_warps: int = 4
+    num_stages: int = 3
     compute_format: str = "int8"
     p_scale: str = "row"
     smooth_k: bool = True
-    use_sas: bool = True
-    sparsity_threshold: float | None = 16.0
+    use_sas: bool = False
+    sparsity_threshold: float | None = None
     bit_mix: float = 0.0
     buffer_tokens: int = 64
     v_group: int = 32

@@ -23,7 +23,8 @@ import triton.language as tl
 
 from .checks import check_bool, check_config, check_qkv, check_sm_scale
 from .config import REF_MAX_CLAMP, KernelConfig
-from .quant import QuantizedTiles, quantize_qkv_tiles
+from .quant import QuantizedKV, quantize_kv_tiles
+from .reference import LOG2E
 from .sas import MAGIC_F, MAGIC_I, round_to_uint7, sas_exp2_times_127
 
 LOG2_127 = math.log2(127.0)
@@ -32,19 +33,37 @@ INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
-def _flashq_tiles(acc, l_i, m_i, q, q_scale, K_base, VT_base, KS_base, VS_base, lo, hi, nk, nk_pad,
-                  offs_m, offs_n, offs_d, threshold,
-                  BLOCK_N: tl.constexpr, DP: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+def _exp2(x, FAST_EXP: tl.constexpr):
+    """2^x on the special-function unit; FAST_EXP flushes denormals (no range fix-up instructions)."""
+    if FAST_EXP:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return tl.exp2(x)
+
+
+@triton.jit
+def _flashq_tiles(acc, acc_t, l_i, m_i, q, q_t, q_scale, K_base, VT_base, KS_base, VS_base, lo, hi, nk, nk_pad,
+                  offs_m, offs_n, offs_d, offs_dt, threshold,
+                  BLOCK_N: tl.constexpr, DP: tl.constexpr, DH: tl.constexpr, DT: tl.constexpr,
+                  HAS_TAIL: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                   USE_SAS: tl.constexpr, HAS_THRESHOLD: tl.constexpr, P_ROW: tl.constexpr,
-                  REF_CLAMP: tl.constexpr, LOG2_P_SCALE: tl.constexpr):
-    """KV tiles [lo, hi) of one Q tile; MASKED applies the causal diagonal and the N bound."""
+                  REF_CLAMP: tl.constexpr, LOG2_P_SCALE: tl.constexpr, FAST_EXP: tl.constexpr):
+    """KV tiles [lo, hi) of one Q tile; MASKED applies the causal diagonal and the N bound.
+
+    The head dim is DH (a power of two) plus, when HAS_TAIL, DT more channels at offset DH
+    (D = 96 runs as 64 + 32 instead of padding to 128).
+    """
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
-        k = tl.load(K_base + cols[None, :] * DP + offs_d[:, None])  # [DP, BLOCK_N], D contiguous
+        k = tl.load(K_base + cols[None, :] * DP + offs_d[:, None])  # [DH, BLOCK_N], D contiguous
         tile = start_n // BLOCK_N
         scale = tl.maximum(q_scale * tl.load(KS_base + tile), 1e-30)
         s_int = tl.dot(q, k, out_dtype=tl.int32)
+        if HAS_TAIL:
+            k_t = tl.load(K_base + cols[None, :] * DP + DH + offs_dt[:, None])
+            s_int = tl.dot(q_t, k_t, s_int, out_dtype=tl.int32)
         # y = MAGIC_F + s_int exactly (|s_int| <= 127 * 127 * 128 < 2^22): no I2F conversion
         y = (s_int + MAGIC_I).to(tl.float32, bitcast=True)
         if MASKED:
@@ -58,7 +77,7 @@ def _flashq_tiles(acc, l_i, m_i, q, q_scale, K_base, VT_base, KS_base, VS_base, 
             m_ref = tl.maximum(m_tile, m_new - REF_CLAMP)
         else:
             m_ref = m_new
-        # x = s - m_ref (+ log2 127 for the exact path), one FMA per score
+        # x = s - m_ref (+ log2 127 on the exact path), one FMA per score
         if USE_SAS:
             bias = MAGIC_F * scale + m_ref
         else:
@@ -74,29 +93,41 @@ def _flashq_tiles(acc, l_i, m_i, q, q_scale, K_base, VT_base, KS_base, VS_base, 
         if USE_SAS:
             p = sas_exp2_times_127(x)
         else:
-            p = tl.exp2(x)
+            p = _exp2(x, FAST_EXP)
         alpha = tl.exp2(m_i - m_new)
         r = tl.exp2(m_ref - m_new)
         l_i = l_i * alpha + r * tl.sum(p, 1)
         p8 = round_to_uint7(p)
-        vt = tl.load(VT_base + offs_d[None, :] * nk_pad + cols[:, None])  # [BLOCK_N, DP], tokens contiguous
-        pv = tl.dot(p8, vt, out_dtype=tl.int32)
-        pv_f = (pv + MAGIC_I).to(tl.float32, bitcast=True) - MAGIC_F  # exact: |pv| <= 127 * 127 * 256 < 2^22
         coef = r * tl.load(VS_base + tile)
-        acc = acc * alpha[:, None] + pv_f * coef[:, None]
+        vt = tl.load(VT_base + offs_d[None, :] * nk_pad + cols[:, None])  # [BLOCK_N, DH], tokens contiguous
+        pv = tl.dot(p8, vt, out_dtype=tl.int32)
+        # exact int -> float (|pv| <= 127 * 127 * 256 < 2^22), then acc * alpha + pv * coef
+        acc = acc * alpha[:, None] + ((pv + MAGIC_I).to(tl.float32, bitcast=True) - MAGIC_F) * coef[:, None]
+        if HAS_TAIL:
+            vt_t = tl.load(VT_base + (DH + offs_dt)[None, :] * nk_pad + cols[:, None])
+            pv_t = tl.dot(p8, vt_t, out_dtype=tl.int32)
+            acc_t = acc_t * alpha[:, None] + ((pv_t + MAGIC_I).to(tl.float32, bitcast=True) - MAGIC_F) * coef[:, None]
         m_i = m_new
-    return acc, l_i, m_i
+    return acc, acc_t, l_i, m_i
 
 
 @triton.jit
-def _flashq_fwd_kernel(QC, KC, VT, QS, KS, VS, Out,
-                       stride_ob, stride_oh, stride_on,
-                       HQ, GROUP, NQ, NK, NQ_PAD, NK_PAD, n_q_tiles, n_k_tiles, threshold,
-                       D: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _flashq_fwd_kernel(Qx, QS, KC, VT, KS, VS, SMOOTH, Out,
+                       stride_qb, stride_qh, stride_qn, stride_ob, stride_oh, stride_on,
+                       HQ, GROUP, NQ, NK, NK_PAD, n_q_tiles, n_k_tiles, threshold, fold,
+                       D: tl.constexpr, DP: tl.constexpr, DH: tl.constexpr, DT: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QUANT_Q: tl.constexpr, SMOOTH_K: tl.constexpr,
                        CAUSAL: tl.constexpr, USE_SAS: tl.constexpr, HAS_THRESHOLD: tl.constexpr,
-                       P_ROW: tl.constexpr, REF_CLAMP: tl.constexpr, LOG2_P_SCALE: tl.constexpr):
-    """One Q tile of BLOCK_M rows for one (batch, query head); see the module docstring."""
+                       P_ROW: tl.constexpr, REF_CLAMP: tl.constexpr, LOG2_P_SCALE: tl.constexpr,
+                       FAST_EXP: tl.constexpr):
+    """One Q tile of BLOCK_M rows for one (batch, query head); see the module docstring.
+
+    QUANT_Q: Qx is the caller's float Q (strided); the tile is scaled by fold * c (SMOOTH row 2)
+    and quantized to INT8 here. Otherwise Qx holds INT8 codes [B, Hq, n_q_tiles * BLOCK_M, DP]
+    and QS their scales.
+    """
     tl.static_assert(BLOCK_M % 16 == 0 and BLOCK_N % 16 == 0)
+    HAS_TAIL: tl.constexpr = DH < D
     pid = tl.program_id(0)
     if CAUSAL:
         pid = tl.num_programs(0) - 1 - pid  # heaviest tiles first
@@ -107,10 +138,43 @@ def _flashq_fwd_kernel(QC, KC, VT, QS, KS, VS, Out,
     start_m = pid * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, DP)
+    offs_d = tl.arange(0, DH)
+    offs_dt = tl.arange(0, DT)
 
-    q = tl.load(QC + pid_bh.to(tl.int64) * NQ_PAD * DP + offs_m[:, None] * DP + offs_d[None, :])
-    q_scale = tl.load(QS + pid_bh.to(tl.int64) * n_q_tiles + pid)
+    if QUANT_Q:
+        q_ptrs = Qx + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + offs_m[:, None].to(tl.int64) * stride_qn
+        row_ok = offs_m[:, None] < NQ
+        qf = tl.load(q_ptrs + offs_d[None, :], mask=row_ok & (offs_d[None, :] < D), other=0.0).to(tl.float32)
+        if SMOOTH_K:
+            qf = qf * (tl.load(SMOOTH + kv_bh * 3 * DP + 2 * DP + offs_d) * fold)[None, :]
+        else:
+            qf = qf * fold
+        amax = tl.max(tl.max(tl.abs(qf), axis=1), axis=0)
+        if HAS_TAIL:
+            tail_ok = row_ok & ((DH + offs_dt)[None, :] < D)
+            qft = tl.load(q_ptrs + DH + offs_dt[None, :], mask=tail_ok, other=0.0).to(tl.float32)
+            if SMOOTH_K:
+                qft = qft * (tl.load(SMOOTH + kv_bh * 3 * DP + 2 * DP + DH + offs_dt) * fold)[None, :]
+            else:
+                qft = qft * fold
+            amax = tl.maximum(amax, tl.max(tl.max(tl.abs(qft), axis=1), axis=0))
+        inv = tl.where(amax > 0, 127.0 / amax, 0.0)
+        yq = qf * inv
+        q = (yq + tl.where(yq >= 0, 0.5, -0.5)).to(tl.int32).to(tl.int8)
+        if HAS_TAIL:
+            yt = qft * inv
+            q_t = (yt + tl.where(yt >= 0, 0.5, -0.5)).to(tl.int32).to(tl.int8)
+        else:
+            q_t = tl.zeros([BLOCK_M, DT], dtype=tl.int8)
+        q_scale = amax / 127.0
+    else:
+        q_ptrs = Qx + pid_bh.to(tl.int64) * n_q_tiles * BLOCK_M * DP + offs_m[:, None] * DP
+        q = tl.load(q_ptrs + offs_d[None, :])
+        if HAS_TAIL:
+            q_t = tl.load(q_ptrs + DH + offs_dt[None, :])
+        else:
+            q_t = tl.zeros([BLOCK_M, DT], dtype=tl.int8)
+        q_scale = tl.load(QS + pid_bh.to(tl.int64) * n_q_tiles + pid)
     K_base = KC + kv_bh * NK_PAD * DP
     VT_base = VT + kv_bh * DP * NK_PAD
     KS_base = KS + kv_bh * n_k_tiles
@@ -118,7 +182,8 @@ def _flashq_fwd_kernel(QC, KC, VT, QS, KS, VS, Out,
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, DP], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, DH], dtype=tl.float32)
+    acc_t = tl.zeros([BLOCK_M, DT], dtype=tl.float32)
     full_end = (NK // BLOCK_N) * BLOCK_N
     if CAUSAL:
         # tiles whose every column is <= the tile's first row need no mask
@@ -127,15 +192,34 @@ def _flashq_fwd_kernel(QC, KC, VT, QS, KS, VS, Out,
     else:
         free_end = full_end
         hi = NK
-    acc, l_i, m_i = _flashq_tiles(acc, l_i, m_i, q, q_scale, K_base, VT_base, KS_base, VS_base, 0, free_end,
-                                  NK, NK_PAD, offs_m, offs_n, offs_d, threshold, BLOCK_N, DP, False, CAUSAL,
-                                  USE_SAS, HAS_THRESHOLD, P_ROW, REF_CLAMP, LOG2_P_SCALE)
-    acc, l_i, m_i = _flashq_tiles(acc, l_i, m_i, q, q_scale, K_base, VT_base, KS_base, VS_base, free_end, hi,
-                                  NK, NK_PAD, offs_m, offs_n, offs_d, threshold, BLOCK_N, DP, True, CAUSAL,
-                                  USE_SAS, HAS_THRESHOLD, P_ROW, REF_CLAMP, LOG2_P_SCALE)
-    out = acc / l_i[:, None]
-    o_ptrs = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :]
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < NQ) & (offs_d[None, :] < D))
+    acc, acc_t, l_i, m_i = _flashq_tiles(
+        acc, acc_t, l_i, m_i, q, q_t, q_scale, K_base, VT_base, KS_base, VS_base, 0, free_end, NK, NK_PAD,
+        offs_m, offs_n, offs_d, offs_dt, threshold, BLOCK_N, DP, DH, DT, HAS_TAIL, False, CAUSAL,
+        USE_SAS, HAS_THRESHOLD, P_ROW, REF_CLAMP, LOG2_P_SCALE, FAST_EXP)
+    acc, acc_t, l_i, m_i = _flashq_tiles(
+        acc, acc_t, l_i, m_i, q, q_t, q_scale, K_base, VT_base, KS_base, VS_base, free_end, hi, NK, NK_PAD,
+        offs_m, offs_n, offs_d, offs_dt, threshold, BLOCK_N, DP, DH, DT, HAS_TAIL, True, CAUSAL,
+        USE_SAS, HAS_THRESHOLD, P_ROW, REF_CLAMP, LOG2_P_SCALE, FAST_EXP)
+    inv_l = 1.0 / l_i
+    o_ptrs = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_on
+    row_ok = offs_m[:, None] < NQ
+    tl.store(o_ptrs + offs_d[None, :], (acc * inv_l[:, None]).to(Out.dtype.element_ty),
+             mask=row_ok & (offs_d[None, :] < D))
+    if HAS_TAIL:
+        tl.store(o_ptrs + DH + offs_dt[None, :], (acc_t * inv_l[:, None]).to(Out.dtype.element_ty),
+                 mask=row_ok & ((DH + offs_dt)[None, :] < D))
+
+
+def head_dim_split(d: int) -> tuple[int, int]:
+    """(DH, DT): the kernel's head dim as a power of two plus an optional tail of >= 32 channels.
+
+    8-bit tensor-core products need K-multiples of 32, so D = 96 runs as 64 + 32 and D = 80 as
+    64 + 32 (16 zero channels) rather than padding to 128; powers of two run whole (DT unused).
+    """
+    dh = 1 << (d.bit_length() - 1)
+    if dh == d or dh < 64:
+        return max(16, triton.next_power_of_2(d)), 16
+    return dh, max(32, triton.next_power_of_2(d - dh))
 
 
 def _check_device(q: torch.Tensor) -> None:
@@ -147,22 +231,30 @@ def _check_device(q: torch.Tensor) -> None:
                      f"triton is imported), got device {q.device}")
 
 
-def flashq_attention_from_tiles(tiles: QuantizedTiles, out: torch.Tensor, nk: int, causal: bool, config: KernelConfig) -> torch.Tensor:
-    """Launch the attention kernel on already-quantized tiles; writes `out` [B, Hq, Nq, D]."""
+def launch_flashq(q, kv: QuantizedKV, out: torch.Tensor, causal: bool, config: KernelConfig, sm_scale: float,
+                  q_scales: torch.Tensor | None = None) -> torch.Tensor:
+    """Launch the attention kernel; writes `out` [B, Hq, Nq, D].
+
+    q is the caller's float Q (quantized inside the kernel, with kv.smooth when present), or,
+    when q_scales is given, INT8 codes [B, Hq, ceil(Nq / block_m) * block_m, Dp] already folded.
+    """
     b, hq, nq, d = out.shape
-    hkv = tiles.k_codes.shape[1]
-    n_q_tiles = tiles.q_scales.shape[-1]
-    n_k_tiles = tiles.k_scales.shape[-1]
+    hkv, nk_pad = kv.k_codes.shape[1], kv.k_codes.shape[2]
+    n_q_tiles = triton.cdiv(nq, config.block_m)
+    n_k_tiles = kv.k_scales.shape[-1]
     threshold = config.sparsity_threshold
-    grid = (n_q_tiles, b * hq)
-    _flashq_fwd_kernel[grid](
-        tiles.q_codes, tiles.k_codes, tiles.vt_codes, tiles.q_scales, tiles.k_scales, tiles.v_scales, out,
-        out.stride(0), out.stride(1), out.stride(2),
-        hq, hq // hkv, nq, nk, tiles.q_codes.shape[2], tiles.k_codes.shape[2], n_q_tiles, n_k_tiles,
-        float(threshold) if threshold is not None else 0.0,
-        D=d, DP=tiles.head_dim_padded, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-        CAUSAL=causal, USE_SAS=config.use_sas, HAS_THRESHOLD=threshold is not None,
-        P_ROW=config.p_scale == "row", REF_CLAMP=REF_MAX_CLAMP, LOG2_P_SCALE=LOG2_127,
+    dh, dt = head_dim_split(d)
+    quant_q = q_scales is None
+    _flashq_fwd_kernel[(n_q_tiles, b * hq)](
+        q, q_scales if q_scales is not None else kv.k_scales, kv.k_codes, kv.vt_codes, kv.k_scales, kv.v_scales,
+        kv.smooth if kv.smooth is not None else kv.k_scales, out,
+        q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        hq, hq // hkv, nq, kv.n_rows, nk_pad, n_q_tiles, n_k_tiles,
+        float(threshold) if threshold is not None else 0.0, float(sm_scale * LOG2E),
+        D=d, DP=kv.head_dim_padded, DH=dh, DT=dt, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+        QUANT_Q=quant_q, SMOOTH_K=kv.smooth is not None, CAUSAL=causal, USE_SAS=config.use_sas,
+        HAS_THRESHOLD=threshold is not None, P_ROW=config.p_scale == "row", REF_CLAMP=REF_MAX_CLAMP,
+        LOG2_P_SCALE=LOG2_127, FAST_EXP=out.device.type == "cuda",
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out
@@ -187,6 +279,6 @@ def turbo_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
 
         config = load_config(head_dim=d)
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
-    tiles = quantize_qkv_tiles(q, k, v, config.block_m, config.block_n, scale, config.smooth_k)
+    kv = quantize_kv_tiles(q, k, v, config.block_n, scale, config.smooth_k)
     out = torch.empty((b, hq, nq, d), device=q.device, dtype=q.dtype)
-    return flashq_attention_from_tiles(tiles, out, nk, causal, config)
+    return launch_flashq(q, kv, out, causal, config, scale)

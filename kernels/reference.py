@@ -421,3 +421,261 @@ def outlier_qkv(b: int, hq: int, hkv: int, n: int, d: int, dtype=torch.float16, 
     factors = lo + (hi - lo) * torch.rand(outlier_channels, generator=gen)
     k[..., channels] = k[..., channels] * factors + factors  # scaled and offset, as real keys are
     return tuple(t.to(device=device, dtype=dtype) for t in (q, k, v))
+
+
+# ---- KV cache and decode
+#
+# The cache format of `kernels.cache.TurboKVCache`, in plain torch, and the decode attention that
+# reads it. Per (sequence b, KV head h) the prompt and every later flush are cut into blocks of n_b
+# tokens (KernelConfig.buffer_tokens):
+#   BPQ stage 1: symmetric INT8 per block ([n_b, D] tile): s1 = max|x| / 127 (fp32), as
+#     `quantize_int8_blocks(x, n_b)`. K is smoothed first (K - mu, mu its per-channel mean over the
+#     prompt), which softmax cancels for every query.
+#   BPQ stage 2 (`quantize_lowbit`): K per channel over the block's n_b tokens, V per token over
+#     groups of v_group channels (the last group may be partial), 4 or 2 bits, integer scale and
+#     zero point stored as int8 (scale <= ceil(254 / 3) = 85, zero = group minimum in [-127, 127]).
+#   Packing ("planar"): a token row of D codes becomes W = D * bits / 8 bytes; byte w holds the codes
+#     of channels w, w + W, w + 2W, ... at bit offsets 0, bits, 2 bits, ... (lowest bits first), so
+#     that a kernel unpacks plane i (channels [i W, (i + 1) W)) of a whole tile with one shift and
+#     one mask.
+# The tokens after the last full block stay in an fp16/bf16 residual buffer (raw K, not smoothed).
+# Decode scores are q' . (k - mu) with q' = q * sm_scale * log2(e): for a packed block,
+#   s_t = s1 * (sum_d (q'_d * scale_d) code_{t,d} + sum_d q'_d * zero_d)
+# and for the buffer q' . k - q' . mu; then a base-2 softmax, and o = sum_t p_t v_t / sum_t p_t with
+# v_t = s1 * (code_{t,d} * scale_{t,g(d)} + zero_{t,g(d)}) for packed tokens.
+
+class PackedKV(NamedTuple):
+    """One pool of KV heads stored at one bit width (`bits`); Hp heads, NBLK blocks of n_b tokens."""
+
+    k_codes: torch.Tensor  # uint8 [B, Hp, NBLK, n_b, D * bits / 8], planar packing
+    k_scale: torch.Tensor  # int8 [B, Hp, NBLK, D] (per channel over the block)
+    k_zero: torch.Tensor  # int8 [B, Hp, NBLK, D]
+    v_codes: torch.Tensor  # uint8 [B, Hp, NBLK, n_b, D * bits / 8]
+    v_scale: torch.Tensor  # int8 [B, Hp, NBLK, n_b, NG] (per token over channel groups)
+    v_zero: torch.Tensor  # int8 [B, Hp, NBLK, n_b, NG]
+
+
+class KVCacheContents(NamedTuple):
+    """Everything a TurboKVCache holds (what `TurboKVCache.contents()` returns)."""
+
+    pool4: PackedKV  # the 4-bit heads, indexed by head_slot
+    pool2: PackedKV  # the 2-bit heads
+    head_bits: torch.Tensor  # int32 [Hkv], 4 or 2
+    head_slot: torch.Tensor  # int32 [Hkv], index of the head in its pool
+    k_s1: torch.Tensor  # fp32 [B, Hkv, NBLK] stage-1 scales
+    v_s1: torch.Tensor  # fp32 [B, Hkv, NBLK]
+    k_mean: torch.Tensor  # fp32 [B, Hkv, D] smoothing mean (zeros when smoothing is off)
+    k_buffer: torch.Tensor  # [B, Hkv, n_b, D] residual tokens, cache dtype, raw K
+    v_buffer: torch.Tensor  # [B, Hkv, n_b, D]
+    lengths: torch.Tensor  # int32 [B] tokens held per sequence (packed = lengths // n_b blocks)
+    block_tokens: int  # n_b
+    v_group: int
+
+
+def num_v_groups(d: int, v_group: int) -> int:
+    """V quantization groups per token: ceil(D / v_group) (the last one partial when D % v_group)."""
+    return -(-d // v_group)
+
+
+def pack_lowbit_planar(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """[..., D] codes -> [..., W] bytes, W = D * bits / 8; byte w holds channels w + i W at bit i * bits."""
+    check_tensor("codes", codes, dtypes=(torch.uint8,))
+    _check_bits(bits)
+    per_word = 8 // bits
+    d = codes.shape[-1]
+    if d % per_word:
+        raise ValueError(f"codes' last dim must be a multiple of {per_word} for {bits}-bit packing, got {d}")
+    planes = codes.to(torch.int32).reshape(*codes.shape[:-1], per_word, d // per_word)
+    shifts = (torch.arange(per_word, device=codes.device, dtype=torch.int32) * bits)[:, None]
+    return (planes << shifts).sum(dim=-2).to(torch.uint8)
+
+
+def unpack_lowbit_planar(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of `pack_lowbit_planar`: [..., W] bytes -> [..., W * 8 / bits] codes."""
+    check_tensor("packed", packed, dtypes=(torch.uint8,))
+    _check_bits(bits)
+    per_word = 8 // bits
+    shifts = (torch.arange(per_word, device=packed.device, dtype=torch.int32) * bits)[:, None]
+    planes = (packed.to(torch.int32)[..., None, :] >> shifts) & ((1 << bits) - 1)
+    return planes.reshape(*packed.shape[:-1], packed.shape[-1] * per_word).to(torch.uint8)
+
+
+def kv_smoothing_mean(k: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Per-channel mean of K over each sequence's first lengths[b] tokens: fp32 [B, H, D] (0 if empty).
+
+    Summed in fp32 straight from K's dtype, one sequence at a time (no fp32 copy of K).
+    """
+    b, h, _, d = k.shape
+    out = torch.zeros(b, h, d, device=k.device, dtype=torch.float32)
+    for i, n in enumerate(lengths.tolist()):
+        if n > 0:
+            out[i] = k[i, :, :n].sum(dim=1, dtype=torch.float32) / n
+    return out
+
+
+def kv_head_priority(k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Priority of each KV head for bit assignment: head_priority(K) + head_priority(V), each
+    divided by its mean over heads (so that K's outlier channels do not drown V's ranking), over
+    the valid tokens of every sequence. k may be the smoothed K. Returns fp32 [H] (zeros if no
+    token is valid). Computed one head at a time to bound the fp32 temporaries.
+    """
+    h = k.shape[1]
+    lens = lengths.tolist()
+    total = torch.zeros(h, dtype=torch.float32, device=k.device)
+    if sum(lens) == 0:
+        return total
+    for x in (k, v):
+        pr = torch.empty(h, dtype=torch.float32, device=k.device)
+        for j in range(h):
+            rows = torch.cat([x[i, j, :n] for i, n in enumerate(lens) if n > 0], dim=0)
+            pr[j] = head_priority(rows[None, None])[0]
+        mean = pr.mean()
+        total += pr / mean if float(mean) > 0 else pr
+    return total
+
+
+def quantize_kv_blocks(k: torch.Tensor, v: torch.Tensor, bits: int, block: int, v_group: int):
+    """BPQ stages 1 and 2 of whole blocks: k, v float [B, H, NBLK * block, D] (K already smoothed).
+
+    Returns (PackedKV with H heads, k_s1 [B, H, NBLK], v_s1 [B, H, NBLK]).
+    """
+    _check_bits(bits)
+    b, h, n, d = k.shape
+    if n % block:
+        raise ValueError(f"quantize_kv_blocks takes whole blocks of {block} tokens, got {n}")
+    nblk = n // block
+    k8, k_s1 = quantize_int8_blocks(k, block)
+    v8, v_s1 = quantize_int8_blocks(v, block)
+    kq = quantize_lowbit(k8.view(b, h, nblk, block, d), bits, dim=-2)  # per channel over the block
+    v8 = v8.view(b, h, nblk, block, d)
+    v_codes, v_scale, v_zero = [], [], []
+    for g0 in range(0, d, v_group):  # per token over channel groups
+        vq = quantize_lowbit(v8[..., g0:g0 + v_group].contiguous(), bits, dim=-1)
+        v_codes.append(vq.codes)
+        v_scale.append(vq.scale)
+        v_zero.append(vq.zero)
+    pool = PackedKV(
+        pack_lowbit_planar(kq.codes, bits), kq.scale[..., 0, :].to(torch.int8), kq.zero[..., 0, :].to(torch.int8),
+        pack_lowbit_planar(torch.cat(v_codes, dim=-1), bits),
+        torch.cat(v_scale, dim=-1).to(torch.int8), torch.cat(v_zero, dim=-1).to(torch.int8))
+    return pool, k_s1, v_s1
+
+
+def dequantize_kv_blocks(pool: PackedKV, bits: int, v_group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The INT8-grid values of a pool, as int32 [B, Hp, NBLK, n_b, D]: code * scale + zero for K and V
+    (multiply by the stage-1 scale of the block for floats)."""
+    k_codes = unpack_lowbit_planar(pool.k_codes, bits)
+    v_codes = unpack_lowbit_planar(pool.v_codes, bits)
+    d = k_codes.shape[-1]
+    k_int = dequantize_lowbit(k_codes, pool.k_scale[..., None, :], pool.k_zero[..., None, :])
+    group_of = torch.arange(d, device=k_codes.device) // v_group
+    v_int = dequantize_lowbit(v_codes, pool.v_scale[..., group_of], pool.v_zero[..., group_of])
+    return k_int, v_int
+
+
+def quantize_kv_cache(k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, head_bits: torch.Tensor,
+                      block: int, v_group: int, smooth: bool, max_len: int | None = None) -> KVCacheContents:
+    """What `TurboKVCache.prefill` stores, in plain torch: k, v [B, H, N, D]; lengths int [B];
+    head_bits [H] of 4/2. Pools hold max_len // block blocks (default N // block)."""
+    b, h, n, d = k.shape
+    max_len = n if max_len is None else max_len
+    nblk = max_len // block
+    lens = lengths.to(torch.int64).cpu()
+    mean = kv_smoothing_mean(k, lens).to(k.device) if smooth else torch.zeros(b, h, d, device=k.device)
+    bits_list = [int(x) for x in head_bits.tolist()]
+    slot = torch.zeros(h, dtype=torch.int32)
+    counts = {4: 0, 2: 0}
+    for j, bt in enumerate(bits_list):
+        slot[j] = counts[bt]
+        counts[bt] += 1
+    ng = num_v_groups(d, v_group)
+
+    def empty_pool(hp, bits):
+        w = d * bits // 8
+        z = dict(device=k.device)
+        return PackedKV(torch.zeros(b, hp, nblk, block, w, dtype=torch.uint8, **z),
+                        torch.zeros(b, hp, nblk, d, dtype=torch.int8, **z), torch.zeros(b, hp, nblk, d, dtype=torch.int8, **z),
+                        torch.zeros(b, hp, nblk, block, w, dtype=torch.uint8, **z),
+                        torch.zeros(b, hp, nblk, block, ng, dtype=torch.int8, **z),
+                        torch.zeros(b, hp, nblk, block, ng, dtype=torch.int8, **z))
+
+    pools = {4: empty_pool(counts[4], 4), 2: empty_pool(counts[2], 2)}
+    k_s1 = torch.zeros(b, h, nblk, device=k.device)
+    v_s1 = torch.zeros(b, h, nblk, device=k.device)
+    k_buf = torch.zeros(b, h, block, d, device=k.device, dtype=k.dtype)
+    v_buf = torch.zeros(b, h, block, d, device=k.device, dtype=v.dtype)
+    for i, length in enumerate(lens.tolist()):
+        full = length // block
+        rest = length - full * block
+        if full:
+            ks = k[i:i + 1, :, :full * block].float() - mean[i:i + 1, :, None, :]
+            vs = v[i:i + 1, :, :full * block].float()
+            for j, bt in enumerate(bits_list):
+                pool, s1k, s1v = quantize_kv_blocks(ks[:, j:j + 1], vs[:, j:j + 1], bt, block, v_group)
+                for dst, src in zip(pools[bt], pool):
+                    dst[i, int(slot[j]), :full] = src[0, 0]
+                k_s1[i, j, :full] = s1k[0, 0]
+                v_s1[i, j, :full] = s1v[0, 0]
+        if rest:
+            k_buf[i, :, :rest] = k[i, :, full * block:length]
+            v_buf[i, :, :rest] = v[i, :, full * block:length]
+    return KVCacheContents(pools[4], pools[2], torch.tensor(bits_list, dtype=torch.int32, device=k.device),
+                           slot.to(k.device), k_s1, v_s1, mean, k_buf, v_buf,
+                           lens.to(torch.int32).to(k.device), block, v_group)
+
+
+def dequantize_kv_cache(c: KVCacheContents) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The K (smoothed, i.e. minus mu) and V the decode attends to, fp64 [B, Hkv, max(lengths), D],
+    and the lengths [B] (tokens past a sequence's length are zero)."""
+    b, h, nb, d = c.k_buffer.shape
+    lens = [int(x) for x in c.lengths.tolist()]
+    n_max = max(lens) if lens else 0
+    k_out = torch.zeros(b, h, n_max, d, dtype=torch.float64, device=c.k_buffer.device)
+    v_out = torch.zeros_like(k_out)
+    deq = {}
+    for bits, pool in ((4, c.pool4), (2, c.pool2)):
+        if pool.k_codes.shape[1]:
+            deq[bits] = dequantize_kv_blocks(pool, bits, c.v_group)
+    for j in range(h):
+        bits, slot = int(c.head_bits[j]), int(c.head_slot[j])
+        for i, length in enumerate(lens):
+            full = length // nb
+            rest = length - full * nb
+            if full:
+                k_int, v_int = deq[bits][0][i, slot, :full], deq[bits][1][i, slot, :full]
+                k_out[i, j, :full * nb] = (k_int.double() * c.k_s1[i, j, :full, None, None].double()).reshape(-1, d)
+                v_out[i, j, :full * nb] = (v_int.double() * c.v_s1[i, j, :full, None, None].double()).reshape(-1, d)
+            if rest:
+                k_out[i, j, full * nb:length] = c.k_buffer[i, j, :rest].double() - c.k_mean[i, j].double()
+                v_out[i, j, full * nb:length] = c.v_buffer[i, j, :rest].double()
+    return k_out, v_out, torch.tensor(lens, dtype=torch.int64)
+
+
+def decode_attention_reference(q: torch.Tensor, contents: KVCacheContents, sm_scale: float | None = None) -> torch.Tensor:
+    """One decode step over a cache's contents, the arithmetic of the decode kernel in fp64.
+
+    q: [B, Hq, 1, D], Hq a multiple of the cache's Hkv. q' = q * (sm_scale * log2 e) in fp32 (as
+    the kernel folds it), scores s = q' . (k - mu) over each sequence's lengths[b] tokens
+    (`dequantize_kv_cache`), o = sum 2^(s - max s) v / sum 2^(s - max s). A sequence of length 0
+    gives 0. Returns fp32 [B, Hq, 1, D].
+    """
+    check_tensor("q", q, ndim=4)
+    check_sm_scale(sm_scale)
+    b, hq, nq, d = q.shape
+    k, v, lens = dequantize_kv_cache(contents)
+    hkv = k.shape[1]
+    if nq != 1 or hq % hkv:
+        raise ValueError(f"q must be [B, Hq, 1, D] with Hq a multiple of {hkv}, got {tuple(q.shape)}")
+    group = hq // hkv
+    qf = fold_softmax_scale(q, sm_scale).double()
+    kr = k.repeat_interleave(group, dim=1)
+    vr = v.repeat_interleave(group, dim=1)
+    s = torch.matmul(qf, kr.transpose(-1, -2))  # [B, Hq, 1, Nmax], log2 units
+    valid = torch.arange(k.shape[2])[None, :] < lens[:, None]
+    s = s.masked_fill(~valid.to(s.device)[:, None, None, :], float("-inf"))
+    m = s.amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    p = torch.exp2(s - m)
+    denom = p.sum(dim=-1, keepdim=True)
+    out = torch.matmul(p, vr) / denom.clamp_min(1e-300)
+    return torch.where(denom > 0, out, torch.zeros_like(out)).float()

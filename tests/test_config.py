@@ -6,7 +6,7 @@ from kernels.config import DEFAULT_CONFIG, KernelConfig, field_names
 def test_defaults_are_valid_and_documented():
     cfg = KernelConfig()
     assert cfg == DEFAULT_CONFIG
-    assert cfg.block_m == 128 and cfg.block_n == 64 and cfg.buffer_tokens == 64
+    assert cfg.block_m == 64 and cfg.block_n == 128 and cfg.buffer_tokens == 64
     doc = KernelConfig.__doc__
     for name in field_names():
         assert name in doc, f"field {name} is not documented in KernelConfig's docstring"

@@ -78,8 +78,8 @@ def test_prefill_variants_match_reference(variant, device):
 
 def test_attention_kernel_on_reference_codes(device):
     """Feed the reference's own INT8 codes to the attention kernel: only softmax rounding differs."""
-    from kernels.prefill import flashq_attention_from_tiles
-    from kernels.quant import QuantizedTiles
+    from kernels.prefill import launch_flashq
+    from kernels.quant import QuantizedKV
 
     b, hq, hkv, n, d = 1, 4, 2, 90, 64
     cfg = _small(32, 16)
@@ -90,26 +90,24 @@ def test_attention_kernel_on_reference_codes(device):
         rows = -(-codes.shape[2] // block) * block
         return torch.nn.functional.pad(codes, (0, 0, 0, rows - codes.shape[2])).contiguous()
 
-    tiles = QuantizedTiles(pad(qkv.q_codes, 32), qkv.q_scales.contiguous(), pad(qkv.k_codes, 16),
-                           qkv.k_scales.contiguous(), pad(qkv.v_codes, 16).transpose(-1, -2).contiguous(),
-                           qkv.v_scales.contiguous(), d)
+    kv = QuantizedKV(pad(qkv.k_codes, 16), qkv.k_scales.contiguous(), pad(qkv.v_codes, 16).transpose(-1, -2).contiguous(),
+                     qkv.v_scales.contiguous(), None, d, n)
     out = torch.empty(b, hq, n, d, device=device, dtype=torch.float32)
-    flashq_attention_from_tiles(tiles, out, n, True, cfg)
+    launch_flashq(pad(qkv.q_codes, 32), kv, out, True, cfg, d ** -0.5, q_scales=qkv.q_scales.contiguous())
     err = R.attention_error(out, R.flashq_attention(qkv, True, cfg))
     assert err.sqnr_db >= SQNR_ATTN_ON_REF_CODES_DB, err
 
 
 def test_quantize_kernel_matches_reference_codes(device):
-    from kernels.quant import quantize_qkv_tiles
+    from kernels.quant import quantize_kv_tiles
 
     b, hq, hkv, n, d = 2, 4, 2, 75, 96
     cfg = _small(32, 16)
     q, k, v = R.outlier_qkv(b, hq, hkv, n, d, device=device, seed=3)
-    t = quantize_qkv_tiles(q, k, v, 32, 16, d ** -0.5, smooth=True)
+    t = quantize_kv_tiles(q, k, v, 16, d ** -0.5, smooth=True)
     ref = R.quantize_qkv(q, k, v, cfg)
-    assert t.head_dim_padded == 128
+    assert t.head_dim_padded == 128 and t.n_rows == n
     pairs = [
-        (t.q_codes[:, :, :n, :d], ref.q_codes, t.q_scales, ref.q_scales),
         (t.k_codes[:, :, :n, :d], ref.k_codes, t.k_scales, ref.k_scales),
         (t.vt_codes[:, :, :d, :n].transpose(-1, -2), ref.v_codes, t.v_scales, ref.v_scales),
     ]
@@ -119,7 +117,12 @@ def test_quantize_kernel_matches_reference_codes(device):
         assert float((diff > 0).float().mean()) <= 0.005
         assert torch.allclose(scales, ref_scales, rtol=1e-5, atol=0)
     # padding is zero, so the kernel may read whole tiles
-    assert int(t.q_codes[:, :, :, d:].abs().max()) == 0 and int(t.k_codes[:, :, n:].abs().max()) == 0
+    assert int(t.k_codes[:, :, :, d:].abs().max()) == 0 and int(t.k_codes[:, :, n:].abs().max()) == 0
+    # smoothing vectors: K's mean and the balance factor c of reference.balance_qk_channels
+    mean = k.float().mean(dim=2).reshape(b * hkv, d)
+    _, _, c = R.balance_qk_channels(R.fold_softmax_scale(q), R.smooth_k(k))
+    assert torch.allclose(t.smooth[:, 0, :d], mean, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(t.smooth[:, 2, :d], c.reshape(b * hkv, d), rtol=1e-5)
 
 
 def test_prefill_dtypes_and_views(device):

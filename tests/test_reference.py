@@ -200,15 +200,17 @@ COSINE_FLOOR = 0.999
 SQNR_FLOOR_DB = 28.0
 
 
+@pytest.mark.parametrize("sas", [False, True], ids=["exp2", "sas-T16"])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("group", [1, 4])
 @pytest.mark.parametrize("d", [64, 96, 128])
 @pytest.mark.parametrize("n", [1, 17, 200])
-def test_composed_reference_against_exact(n, d, group, causal):
+def test_composed_reference_against_exact(n, d, group, causal, sas):
     hkv = 2
     q, k, v = R.outlier_qkv(2, hkv * group, hkv, n, d, seed=n * 1000 + d + group)
     k_before = k.clone()
-    out = R.turbo_attention_reference(q, k, v, causal)
+    cfg = KernelConfig(use_sas=True, sparsity_threshold=16.0) if sas else KernelConfig()
+    out = R.turbo_attention_reference(q, k, v, causal, cfg)
     assert out.dtype == torch.float32 and out.shape == q.shape
     assert torch.equal(k, k_before)
     err = R.attention_error(out, R.exact_attention(q, k, v, causal))
