@@ -34,6 +34,8 @@ PREFILL_COLUMNS = ["kernel", "provider", "model", "batch", "hq", "hkv", "n", "d"
 
 
 def _git_sha() -> str:
+    if os.environ.get("TURBO_GIT_SHA"):
+        return os.environ["TURBO_GIT_SHA"]  # the GPU machine gets a copy of the tree without .git
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               cwd=pathlib.Path(__file__).resolve().parents[1], timeout=10).stdout.strip() or "unknown"
@@ -139,12 +141,12 @@ def bench_prefill(models, ns, tokens: int, causal: bool, out_dir: pathlib.Path, 
             ref = exact_reference(q, k, v, causal)
             flops = 4.0 * batch * hq * n * n * d / (2.0 if causal else 1.0)
             scale = 1.0 / math.sqrt(d)
-            tiles = quantize_kv_tiles(q, k, v, config.block_n, scale, config.smooth_k)
+            tiles = quantize_kv_tiles(q, k, v, config.block_n, scale, config.smooth_k, config.balance)
             out = torch.empty_like(q)
             fns = {
                 "turbo": (lambda: turbo_attention(q, k, v, causal=causal, config=config), False),
                 "turbo_kernel": (lambda: launch_flashq(q, tiles, out, causal, config, scale), False),
-                "turbo_quant": (lambda: quantize_kv_tiles(q, k, v, config.block_n, scale, config.smooth_k), False),
+                "turbo_quant": (lambda: quantize_kv_tiles(q, k, v, config.block_n, scale, config.smooth_k, config.balance), False),
             }
             fns.update(_peers(q, k, v, causal))
             for provider, (fn, repeated) in fns.items():
@@ -176,7 +178,8 @@ def bench_prefill(models, ns, tokens: int, causal: bool, out_dir: pathlib.Path, 
 def config_label(config) -> str:
     thr = "none" if config.sparsity_threshold is None else f"{config.sparsity_threshold:g}"
     return (f"bm{config.block_m}-bn{config.block_n}-w{config.num_warps}-s{config.num_stages}-"
-            f"{'sas' if config.use_sas else 'exp2'}-p{config.p_scale}-t{thr}{'-smooth' if config.smooth_k else ''}")
+            f"{'sas' if config.use_sas else 'exp2'}-p{config.p_scale}-t{thr}"
+            f"{'-smooth-' + config.balance if config.smooth_k else ''}")
 
 
 def write_rows(path: pathlib.Path, rows: list[dict], columns: list[str]) -> None:
@@ -359,11 +362,11 @@ def quant_parts(model: str, n: int, tokens: int, config) -> None:
     q, k, v = reference.outlier_qkv(batch, hq, hkv, n, d, dtype=torch.float16, device="cuda", seed=n)
     dp = quant.padded_head_dim(d)
     scale = d ** -0.5
-    kv = quant.quantize_kv_tiles(q, k, v, config.block_n, scale, config.smooth_k)
+    kv = quant.quantize_kv_tiles(q, k, v, config.block_n, scale, config.smooth_k, config.balance)
     out = torch.empty_like(q)
     parts = {
         "smoothing_vectors": lambda: quant.smoothing_vectors(q, k, scale * reference.LOG2E, dp),
-        "quantize_kv_tiles": lambda: quant.quantize_kv_tiles(q, k, v, config.block_n, scale, config.smooth_k),
+        "quantize_kv_tiles": lambda: quant.quantize_kv_tiles(q, k, v, config.block_n, scale, config.smooth_k, config.balance),
         "attention_kernel": lambda: launch_flashq(q, kv, out, True, config, scale),
         "torch_copy_q": lambda: q.clone(),
     }

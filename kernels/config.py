@@ -17,6 +17,7 @@ NUM_WARPS_CHOICES = (1, 2, 4, 8, 16)
 # "fp8" (e4m3) is a planned second compute format; only INT8 (the paper's) is implemented.
 COMPUTE_FORMATS = ("int8",)
 P_SCALE_MODES = ("row", "fixed")
+BALANCE_MODES = ("qk", "k", "none")
 KV_BITS_CHOICES = (2, 4)
 # Exponents past this many octaves below the running row maximum contribute less than 2^-64 of
 # the maximum; the kernels clamp the tile-local reference maximum there so that a fully masked
@@ -48,8 +49,11 @@ class KernelConfig:
       p_scale: "row" quantizes P per row of each tile against the tile-local maximum (no extra
         reduction, better accuracy on flat attention); "fixed" uses 1/127 against the running max.
       smooth_k: subtract the per-channel mean of K over the sequence (it cancels in softmax and
-        removes the shared offset of outlier channels), then balance per-channel ranges between
-        Q and K (k / c, q * c with c = sqrt(amax_k / amax_q); the product is unchanged).
+        removes the shared offset of outlier channels).
+      balance: with smooth_k, move part of K's per-channel range into Q (k / c, q * c; the
+        product is unchanged): "qk" c = sqrt(amax_k / amax_q) (needs a statistics pass over Q),
+        "k" c = sqrt(amax_k) (K only, cheaper; ~1.5 dB worse when Q has outliers in K's
+        channels), "none".
     SAS (softmax):
       use_sas: exponential as LUT[n] * degree-3 polynomial(f) on FMA units; False = exact exp2.
       sparsity_threshold: T in log2 units (octaves below the row max): scores at or below
@@ -76,6 +80,7 @@ class KernelConfig:
     compute_format: str = "int8"
     p_scale: str = "row"
     smooth_k: bool = True
+    balance: str = "qk"
     use_sas: bool = False
     sparsity_threshold: float | None = None
     bit_mix: float = 0.0
@@ -93,6 +98,7 @@ class KernelConfig:
         _check_int_range("num_stages", self.num_stages, 1, 8)
         _check_choice("compute_format", self.compute_format, COMPUTE_FORMATS)
         _check_choice("p_scale", self.p_scale, P_SCALE_MODES)
+        _check_choice("balance", self.balance, BALANCE_MODES)
         for flag in ("smooth_k", "use_sas"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"KernelConfig.{flag} must be a bool, got {getattr(self, flag)!r}")

@@ -279,6 +279,6 @@ def turbo_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
 
         config = load_config(head_dim=d)
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
-    kv = quantize_kv_tiles(q, k, v, config.block_n, scale, config.smooth_k)
+    kv = quantize_kv_tiles(q, k, v, config.block_n, scale, config.smooth_k, config.balance)
     out = torch.empty((b, hq, nq, d), device=q.device, dtype=q.dtype)
     return launch_flashq(q, kv, out, causal, config, scale)

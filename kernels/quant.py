@@ -80,8 +80,11 @@ def _channel_stats_kernel(Qx, Kx, QPART, KPART, stride_qb, stride_qh, stride_qn,
 
 @triton.jit
 def _smoothing_kernel(QPART, KPART, SMOOTH, GROUP, n_k_rows, n_chunks_q, n_chunks_k, fold,
-                      DP: tl.constexpr, D: tl.constexpr):
-    """Program (batch x KV head): mu, 1/c, c -> SMOOTH[bh, 0..2, :] (1 and 0 in padded channels)."""
+                      DP: tl.constexpr, D: tl.constexpr, BALANCE: tl.constexpr):
+    """Program (batch x KV head): mu, 1/c, c -> SMOOTH[bh, 0..2, :] (1 and 0 in padded channels).
+
+    BALANCE: 2 = c from K and Q ranges, 1 = from K's alone, 0 = c = 1.
+    """
     kh = tl.program_id(0).to(tl.int64)
     offs_d = tl.arange(0, DP)
     k_sum = tl.zeros([DP], dtype=tl.float32)
@@ -92,14 +95,19 @@ def _smoothing_kernel(QPART, KPART, SMOOTH, GROUP, n_k_rows, n_chunks_q, n_chunk
         k_sum += tl.load(row + offs_d)
         k_max = tl.maximum(k_max, tl.load(row + DP + offs_d))
         k_min = tl.minimum(k_min, tl.load(row + 2 * DP + offs_d))
-    q_amax = tl.zeros([DP], dtype=tl.float32)
-    for i in range(0, GROUP * n_chunks_q):
-        q_amax = tl.maximum(q_amax, tl.load(QPART + (kh * GROUP * n_chunks_q + i) * DP + offs_d))
     mean = k_sum / n_k_rows
     k_amax = tl.maximum(k_max - mean, mean - k_min)
-    q_amax = q_amax * fold
+    if BALANCE == 2:
+        q_amax = tl.zeros([DP], dtype=tl.float32)
+        for i in range(0, GROUP * n_chunks_q):
+            q_amax = tl.maximum(q_amax, tl.load(QPART + (kh * GROUP * n_chunks_q + i) * DP + offs_d))
+        q_amax = q_amax * fold
+    else:
+        q_amax = tl.full([DP], 1.0, dtype=tl.float32)
     ok = (k_amax > 0) & (q_amax > 0) & (offs_d < D)
     c = tl.where(ok, tl.sqrt(tl.maximum(k_amax, 1e-30)) / tl.sqrt(tl.maximum(q_amax, 1e-30)), 1.0)
+    if BALANCE == 0:
+        c = tl.full([DP], 1.0, dtype=tl.float32)
     mean = tl.where(offs_d < D, mean, 0.0)
     out = SMOOTH + kh * 3 * DP
     tl.store(out + offs_d, mean)
@@ -164,25 +172,29 @@ def padded_head_dim(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def smoothing_vectors(q: torch.Tensor, k: torch.Tensor, fold: float, dp: int) -> torch.Tensor:
-    """[B * Hkv, 3, DP] fp32: K's per-channel mean mu, 1/c and c (reference.smooth_k + balance_qk_channels)."""
+def smoothing_vectors(q: torch.Tensor, k: torch.Tensor, fold: float, dp: int, balance: str = "qk") -> torch.Tensor:
+    """[B * Hkv, 3, DP] fp32: K's per-channel mean mu, 1/c and c (reference.smooth_k + balance_qk_channels).
+
+    balance "qk" reads Q for its per-channel max; "k" and "none" skip Q entirely.
+    """
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
-    n_chunks_q = triton.cdiv(nq, STATS_CHUNK)
+    n_chunks_q = triton.cdiv(nq, STATS_CHUNK) if balance == "qk" else 0
     n_chunks_k = triton.cdiv(nk, STATS_CHUNK)
-    qpart = torch.empty((b * hq, n_chunks_q, dp), device=q.device, dtype=torch.float32)
+    qpart = torch.empty((b * hq, max(n_chunks_q, 1), dp), device=q.device, dtype=torch.float32)
+    n_q_programs = b * hq if balance == "qk" else 0
     kpart = torch.empty((b * hkv, n_chunks_k, 3, dp), device=q.device, dtype=torch.float32)
-    _channel_stats_kernel[(max(n_chunks_q, n_chunks_k), b * hq + b * hkv)](
+    _channel_stats_kernel[(max(n_chunks_q, n_chunks_k), n_q_programs + b * hkv)](
         q, k, qpart, kpart, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        hq, hkv, nq, nk, b * hq, n_chunks_q, n_chunks_k,
+        hq, hkv, nq, nk, n_q_programs, n_chunks_q, n_chunks_k,
         CHUNK=STATS_CHUNK, SUB=STATS_SUB, DP=dp, D=d, num_warps=QUANT_NUM_WARPS)
     smooth = torch.empty((b * hkv, 3, dp), device=q.device, dtype=torch.float32)
     _smoothing_kernel[(b * hkv,)](qpart, kpart, smooth, hq // hkv, nk, n_chunks_q, n_chunks_k, float(fold),
-                                  DP=dp, D=d, num_warps=QUANT_NUM_WARPS)
+                                  DP=dp, D=d, BALANCE=("none", "k", "qk").index(balance), num_warps=QUANT_NUM_WARPS)
     return smooth
 
 
-def quantize_kv_tiles(q, k, v, block_n: int, sm_scale: float, smooth: bool) -> QuantizedKV:
+def quantize_kv_tiles(q, k, v, block_n: int, sm_scale: float, smooth: bool, balance: str = "qk") -> QuantizedKV:
     """BPQ stage 1 of k and v (validated by the caller) into the attention kernel's layouts.
 
     q is read only for the smoothing statistics (when `smooth`); the attention kernel quantizes
@@ -190,7 +202,7 @@ def quantize_kv_tiles(q, k, v, block_n: int, sm_scale: float, smooth: bool) -> Q
     """
     b, hkv, nk, d = k.shape
     dp = padded_head_dim(d)
-    vectors = smoothing_vectors(q, k, sm_scale * LOG2E, dp) if smooth else None
+    vectors = smoothing_vectors(q, k, sm_scale * LOG2E, dp, balance) if smooth else None
     n_tiles = triton.cdiv(nk, block_n)
     n_pad = n_tiles * block_n
     k_codes = torch.empty((b, hkv, n_pad, dp), device=k.device, dtype=torch.int8)

@@ -67,6 +67,8 @@ def test_prefill_matches_reference_and_exact(b, hq, hkv, n, d, causal, bm, bn, d
     dict(sparsity_threshold=None),
     dict(sparsity_threshold=3.0),
     dict(smooth_k=False),
+    dict(balance="k"),
+    dict(balance="none"),
 ])
 def test_prefill_variants_match_reference(variant, device):
     q, k, v = R.outlier_qkv(1, 4, 2, 70, 64, device=device, seed=5)

@@ -1,0 +1,470 @@
+"""KV-cache kernels in Triton: BPQ block quantization (prefill and flush), append, split-KV decode.
+
+The cache format is `kernels.reference`'s "KV cache and decode" section (the ground truth):
+per (sequence, KV head), blocks of n_b tokens with a stage-1 INT8 scale s1 per block (symmetric
+over the [n_b, D] tile) and stage-2 4- or 2-bit codes with int8 scale and zero point (K per channel
+over the block, V per token over groups of v_group channels), packed "planar" (byte w of a token
+row holds channels w, w + W, ... with W = D * bits / 8); the last n_b or fewer tokens stay in an
+fp16/bf16 residual buffer. The paper calls the format BPQ (stage 2 with head-wise mixed precision).
+
+Kernels:
+- `_quantize_blocks_kernel`: one program per (block, sequence x KV head). PREFILL: block j of the
+  prompt goes to the head's pool (4-bit or 2-bit), the partial last block to the buffer. FLUSH:
+  a sequence whose buffer just filled (lengths + 1 a multiple of n_b) moves it into its next block.
+  Planar packing is a product with a 0/2^k selection matrix (exact in fp16 x fp16 -> fp32).
+- `_append_kernel`: writes the new token's k, v into the buffer slot lengths[b] % n_b.
+- `_decode_split_kernel` (flash-decoding): program (split s, sequence x KV head) runs an online
+  base-2 softmax over its share of the packed tiles of BLOCK_N tokens, or (s == S) over the
+  buffer, for all G = Hq / Hkv query heads of the KV head at once ([G, D] x [D, BLOCK_N] products,
+  each KV tile loaded once), and writes partial (max m, sum l, acc). Per packed tile, with
+  q' = q * sm_scale * log2(e) split into fp16 planes:
+      s   = s1k * (sum_i (q'_i * kscale_i) . code_i + q' . kzero)      (codes unpacked by shift/mask)
+      acc = acc * 2^(m - m_new) + s1v * p . (vcode * vscale + vzero)   (integer dequant in registers)
+  Every fp32 operand of a tensor-core product is split hi + lo in fp16 (two products), so the
+  kernel keeps ~fp32 accuracy; codes and dequantized INT8 values are exact in fp16. Nothing
+  dequantized is ever written to memory.
+- `_decode_reduce_kernel`: o = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s per query head; with
+  COMMIT it also advances lengths[b] (so the decode step needs no host synchronisation).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+QUANT_NUM_WARPS = 4  # block quantization: one [n_b, D] tile per program, off the decode hot path
+APPEND_NUM_WARPS = 1
+REDUCE_NUM_WARPS = 4
+REDUCE_SPLIT_CHUNK = 16  # partials combined per step of the reduction loop
+MIN_TILES_PER_SPLIT = 4  # a split shorter than this costs more in setup and partials than it saves
+WAVES = 2  # programs per SM the split heuristic aims for
+INTERPRETER_SMS = 4  # no GPU: the interpreter runs programs one after another, so fewer is faster
+F16_MAGIC_CODE = tl.constexpr(0x6400)  # bits of fp16 1024.0: (0x6400 | c) is 1024 + c for 0 <= c < 1024
+F16_MAGIC_INT = tl.constexpr(0x6600)  # bits of fp16 1536.0: 0x6600 + x is 1536 + x for -512 <= x < 512
+
+
+# ----------------------------------------------------------------------------- heuristics
+
+def decode_tile_tokens(decode_block_n: int, block_tokens: int) -> int:
+    """Tokens per decode tile: the largest power of two <= decode_block_n that divides n_b.
+
+    A tile never straddles two quantization blocks, so its K scales and stage-1 scales are one
+    per tile. n_b is a multiple of 16 (KernelConfig), so the tile has at least 16 tokens.
+    """
+    tile = 1 << (max(16, decode_block_n).bit_length() - 1)
+    while block_tokens % tile:
+        tile //= 2
+    return max(tile, 16)
+
+
+def decode_num_splits(max_tiles: int, batch_heads: int, num_sms: int, num_splits: int | None = None) -> int:
+    """Partitions of the packed context per (sequence, KV head) for the split-KV decode.
+
+    max_tiles: packed tiles of the longest sequence; batch_heads: B * Hkv programs per split.
+    num_splits (the config's) wins when given, capped at max_tiles. Otherwise enough splits for
+    WAVES programs per SM, but at least MIN_TILES_PER_SPLIT tiles per split. 0 when no tile is
+    packed (only the buffer program runs).
+    """
+    if max_tiles <= 0:
+        return 0
+    if num_splits is not None:
+        return max(1, min(num_splits, max_tiles))
+    want = triton.cdiv(WAVES * num_sms, max(1, batch_heads))
+    most = max(1, max_tiles // MIN_TILES_PER_SPLIT)
+    return max(1, min(want, most))
+
+
+# ----------------------------------------------------------------------------- block quantization
+
+@triton.jit
+def _stage1_int8(x, mask):
+    """Symmetric INT8 over the whole tile (masked entries 0): codes int32 in [-127, 127] and s1."""
+    x = tl.where(mask, x, 0.0)
+    amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
+    inv = tl.where(amax > 0, tl.math.div_rn(127.0, tl.maximum(amax, 1e-38)), 0.0)
+    y = x * inv
+    codes = (y + tl.where(y >= 0, 0.5, -0.5)).to(tl.int32)  # round half away from zero
+    codes = tl.minimum(tl.maximum(codes, -127), 127)
+    return codes, tl.math.div_rn(amax, 127.0)
+
+
+@triton.jit
+def _lowbit(x, lo, scale, LEVELS: tl.constexpr):
+    """Stage 2: clamp(floor((x - lo + scale // 2) / scale), 0, LEVELS); all operands >= 0 (int32)."""
+    code = (x - lo + scale // 2) // scale
+    return tl.minimum(tl.maximum(code, 0), LEVELS)
+
+
+@triton.jit
+def _pack_planar(codes, D: tl.constexpr, DP: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, BITS: tl.constexpr):
+    """[T, DP] codes -> [T, WP] words: word w = sum_i code[w + i W] << (i BITS), as one exact product."""
+    offs_d = tl.arange(0, DP)
+    offs_w = tl.arange(0, WP)
+    plane = offs_d // W
+    sel = (offs_d[:, None] < D) & ((offs_d - plane * W)[:, None] == offs_w[None, :])
+    weight = tl.where(sel, (1 << (plane * BITS))[:, None], 0).to(tl.float16)
+    words = tl.dot(codes.to(tl.float16), weight, out_dtype=tl.float32)
+    return words.to(tl.int32).to(tl.uint8)
+
+
+@triton.jit
+def _quantize_tile(k, v, tmask, KC, KSC, KZ, VC, VSC, VZ, KS1, VS1, pool_blk, s1_off,
+                   NB: tl.constexpr, NBP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+                   VG: tl.constexpr, NG: tl.constexpr, BITS: tl.constexpr):
+    """BPQ stages 1 + 2 of one block (k already smoothed) into pool block `pool_blk` (int64)."""
+    LEVELS: tl.constexpr = (1 << BITS) - 1
+    W: tl.constexpr = D * BITS // 8
+    WP: tl.constexpr = max(16, triton.next_power_of_2(W))
+    VGK: tl.constexpr = min(VG, DP)
+    NGP: tl.constexpr = DP // VGK
+    offs_t = tl.arange(0, NBP)
+    offs_d = tl.arange(0, DP)
+    offs_w = tl.arange(0, WP)
+    dmask = offs_d < D
+    mask = tmask[:, None] & dmask[None, :]
+
+    # K: stage 1 over the tile, stage 2 per channel over the block's tokens
+    k8, s1k = _stage1_int8(k, mask)
+    lo = tl.min(tl.where(tmask[:, None], k8, 127), axis=0)
+    hi = tl.max(tl.where(tmask[:, None], k8, -127), axis=0)
+    scale = tl.maximum((hi - lo + LEVELS - 1) // LEVELS, 1)
+    kcode = _lowbit(k8, lo[None, :], scale[None, :], LEVELS)
+    kwords = _pack_planar(kcode, D, DP, W, WP, BITS)
+    wmask = tmask[:, None] & (offs_w[None, :] < W)
+    word_ptrs = pool_blk * (NB * W) + offs_t[:, None] * W + offs_w[None, :]
+    tl.store(KC + word_ptrs, kwords, mask=wmask)
+    tl.store(KSC + pool_blk * D + offs_d, scale.to(tl.int8), mask=dmask)
+    tl.store(KZ + pool_blk * D + offs_d, lo.to(tl.int8), mask=dmask)
+    tl.store(KS1 + s1_off, s1k)
+
+    # V: stage 1 over the tile, stage 2 per token over groups of VG channels (last may be partial)
+    v8, s1v = _stage1_int8(v, mask)
+    v3 = tl.reshape(v8, (NBP, NGP, VGK))
+    chan3 = tl.arange(0, NGP)[None, :, None] * VGK + tl.arange(0, VGK)[None, None, :]
+    valid3 = chan3 < D
+    vlo = tl.min(tl.where(valid3, v3, 127), axis=2)
+    vhi = tl.max(tl.where(valid3, v3, -127), axis=2)
+    vscale = tl.maximum((vhi - vlo + LEVELS - 1) // LEVELS, 1)
+    vcode3 = _lowbit(v3, vlo[:, :, None], vscale[:, :, None], LEVELS)
+    vcode = tl.reshape(vcode3, (NBP, DP))
+    vwords = _pack_planar(vcode, D, DP, W, WP, BITS)
+    tl.store(VC + word_ptrs, vwords, mask=wmask)
+    offs_g = tl.arange(0, NGP)
+    gmask = tmask[:, None] & (offs_g[None, :] < NG)
+    g_ptrs = (pool_blk * NB + offs_t[:, None]) * NG + offs_g[None, :]
+    tl.store(VSC + g_ptrs, vscale.to(tl.int8), mask=gmask)
+    tl.store(VZ + g_ptrs, vlo.to(tl.int8), mask=gmask)
+    tl.store(VS1 + s1_off, s1v)
+
+
+@triton.jit
+def _quantize_blocks_kernel(
+        K, V, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+        LEN, MEAN, HEAD_BITS, HEAD_SLOT,
+        KC4, KSC4, KZ4, VC4, VSC4, VZ4, KC2, KSC2, KZ2, VC2, VSC2, VZ2,
+        KS1, VS1, KBUF, VBUF, H, H4, H2, NBLK,
+        D: tl.constexpr, DP: tl.constexpr, NB: tl.constexpr, NBP: tl.constexpr,
+        VG: tl.constexpr, NG: tl.constexpr, FLUSH: tl.constexpr, HAS_MEAN: tl.constexpr):
+    """PREFILL: program (j, b * H + h) quantizes prompt block j (or copies the partial block j to the
+    buffer); FLUSH: program (0, b * H + h) moves a just-filled buffer (K, V = the buffer) to its block."""
+    tl.static_assert(NB % 16 == 0)
+    pid_j = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    length = tl.load(LEN + b)
+    if FLUSH:
+        length = length + 1  # the token just appended
+        full = length // NB
+        do_block = (length % NB) == 0
+        blk = full - 1
+        src_start = 0
+        do_copy = False
+        rest = 0
+    else:
+        full = length // NB
+        do_block = pid_j < full
+        blk = pid_j
+        src_start = pid_j * NB
+        rest = length - full * NB
+        do_copy = (pid_j == full) & (rest > 0)
+    offs_t = tl.arange(0, NBP)
+    offs_d = tl.arange(0, DP)
+    dmask = offs_d < D
+    src_k = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+    src_v = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    rows = (src_start + offs_t).to(tl.int64)
+    if do_block:
+        tmask = offs_t < NB
+        mask = tmask[:, None] & dmask[None, :]
+        k = tl.load(src_k + rows[:, None] * stride_kn + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(src_v + rows[:, None] * stride_vn + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_MEAN:
+            k = k - tl.load(MEAN + pid_bh.to(tl.int64) * D + offs_d, mask=dmask, other=0.0)[None, :]
+        bits = tl.load(HEAD_BITS + h)
+        slot = tl.load(HEAD_SLOT + h)
+        s1_off = pid_bh.to(tl.int64) * NBLK + blk
+        if bits == 4:
+            pool_blk = (b.to(tl.int64) * H4 + slot) * NBLK + blk
+            _quantize_tile(k, v, tmask, KC4, KSC4, KZ4, VC4, VSC4, VZ4, KS1, VS1, pool_blk, s1_off,
+                           NB, NBP, D, DP, VG, NG, 4)
+        else:
+            pool_blk = (b.to(tl.int64) * H2 + slot) * NBLK + blk
+            _quantize_tile(k, v, tmask, KC2, KSC2, KZ2, VC2, VSC2, VZ2, KS1, VS1, pool_blk, s1_off,
+                           NB, NBP, D, DP, VG, NG, 2)
+    if do_copy:
+        tmask = offs_t < rest
+        mask = tmask[:, None] & dmask[None, :]
+        k = tl.load(src_k + rows[:, None] * stride_kn + offs_d[None, :], mask=mask, other=0.0)
+        v = tl.load(src_v + rows[:, None] * stride_vn + offs_d[None, :], mask=mask, other=0.0)
+        dst = (pid_bh.to(tl.int64) * NB + offs_t[:, None]) * D + offs_d[None, :]
+        tl.store(KBUF + dst, k.to(KBUF.dtype.element_ty), mask=mask)
+        tl.store(VBUF + dst, v.to(VBUF.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------- append
+
+@triton.jit
+def _append_kernel(KN, VN, stride_kb, stride_kh, stride_vb, stride_vh, KBUF, VBUF, LEN, H,
+                   NB: tl.constexpr, D: tl.constexpr, DP: tl.constexpr):
+    """Program b * H + h: k_new[b, h, 0], v_new[b, h, 0] -> buffer slot lengths[b] % n_b."""
+    pid = tl.program_id(0)
+    b = pid // H
+    h = pid % H
+    slot = tl.load(LEN + b) % NB
+    offs_d = tl.arange(0, DP)
+    dmask = offs_d < D
+    k = tl.load(KN + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh + offs_d, mask=dmask)
+    v = tl.load(VN + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh + offs_d, mask=dmask)
+    dst = (pid.to(tl.int64) * NB + slot) * D + offs_d
+    tl.store(KBUF + dst, k.to(KBUF.dtype.element_ty), mask=dmask)
+    tl.store(VBUF + dst, v.to(VBUF.dtype.element_ty), mask=dmask)
+
+
+# ----------------------------------------------------------------------------- split-KV decode
+
+@triton.jit
+def _split_f16(x):
+    """fp32 -> (hi, lo) fp16 with hi + lo = x to ~2^-22 relative (products of both keep fp32 accuracy)."""
+    hi = x.to(tl.float16)
+    lo = (x - hi.to(tl.float32)).to(tl.float16)
+    return hi, lo
+
+
+@triton.jit
+def _k_plane(q_plane, kwords, KSC_blk, KZ_blk, offs_w, wmask, I: tl.constexpr, W: tl.constexpr, BITS: tl.constexpr):
+    """Plane I of a packed K tile: (sum_w q'_w kscale_w code_w as [G, BLOCK_N], sum_w q'_w kzero_w as [G])."""
+    MASK: tl.constexpr = (1 << BITS) - 1
+    ksc = tl.load(KSC_blk + I * W + offs_w, mask=wmask, other=0).to(tl.float32)
+    kz = tl.load(KZ_blk + I * W + offs_w, mask=wmask, other=0).to(tl.float32)
+    qs_hi, qs_lo = _split_f16(q_plane * ksc[None, :])
+    code = ((kwords >> (I * BITS)) & MASK).to(tl.int16)
+    code16 = (code | F16_MAGIC_CODE).to(tl.float16, bitcast=True) - 1024.0  # exact, no I2F
+    dots = tl.dot(qs_hi, code16, out_dtype=tl.float32) + tl.dot(qs_lo, code16, out_dtype=tl.float32)
+    return dots, tl.sum(q_plane * kz[None, :], axis=1)
+
+
+@triton.jit
+def _v_plane(p_hi, p_lo, vwords, VSC_rows, VZ_rows, offs_w, wmask, I: tl.constexpr, W: tl.constexpr,
+             BITS: tl.constexpr, VG: tl.constexpr):
+    """Plane I of a packed V tile: p . (code * scale + zero) as [G, WP] (integer dequant, exact fp16)."""
+    MASK: tl.constexpr = (1 << BITS) - 1
+    group = (I * W + offs_w) // VG
+    vsc = tl.load(VSC_rows + group[None, :], mask=wmask[None, :], other=0).to(tl.int32)
+    vz = tl.load(VZ_rows + group[None, :], mask=wmask[None, :], other=0).to(tl.int32)
+    code = ((vwords >> (I * BITS)) & MASK).to(tl.int32)
+    v16 = ((code * vsc + (vz + F16_MAGIC_INT)).to(tl.int16)).to(tl.float16, bitcast=True) - 1536.0
+    return tl.dot(p_hi, v16, out_dtype=tl.float32) + tl.dot(p_lo, v16, out_dtype=tl.float32)
+
+
+@triton.jit
+def _store_partial(PM, PL, PACC, part_row, m_i, l_i, acc, offs_g, gmask, chan, cmask, D: tl.constexpr):
+    tl.store(PM + part_row, m_i, mask=gmask)
+    tl.store(PL + part_row, l_i, mask=gmask)
+    tl.store(PACC + part_row[:, None] * D + chan[None, :], acc, mask=gmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _packed_split(Q_rows, fold, KC, KSC, KZ, VC, VSC, VZ, KS1_bh, VS1_bh, pool_head, tile_lo, tile_hi,
+                  PM, PL, PACC, part_row, offs_g, gmask,
+                  D: tl.constexpr, NB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
+                  VG: tl.constexpr, NG: tl.constexpr, BITS: tl.constexpr):
+    """Online softmax over packed tiles [tile_lo, tile_hi) of one (sequence, KV head) in pool `BITS`."""
+    PW: tl.constexpr = 8 // BITS
+    W: tl.constexpr = D // PW
+    WP: tl.constexpr = max(16, triton.next_power_of_2(W))
+    TPB: tl.constexpr = NB // BLOCK_N
+    offs_w = tl.arange(0, WP)
+    offs_n = tl.arange(0, BLOCK_N)
+    wmask = offs_w < W
+    qmask = gmask[:, None] & wmask[None, :]
+    q0 = tl.load(Q_rows[:, None] + offs_w[None, :], mask=qmask, other=0.0).to(tl.float32) * fold
+    q1 = tl.load(Q_rows[:, None] + (W + offs_w)[None, :], mask=qmask, other=0.0).to(tl.float32) * fold
+    q2 = q0
+    q3 = q0
+    if PW == 4:
+        q2 = tl.load(Q_rows[:, None] + (2 * W + offs_w)[None, :], mask=qmask, other=0.0).to(tl.float32) * fold
+        q3 = tl.load(Q_rows[:, None] + (3 * W + offs_w)[None, :], mask=qmask, other=0.0).to(tl.float32) * fold
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc0 = tl.zeros([BLOCK_G, WP], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_G, WP], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_G, WP], dtype=tl.float32)
+    acc3 = tl.zeros([BLOCK_G, WP], dtype=tl.float32)
+    for tile in range(tile_lo, tile_hi):
+        blk = tile // TPB
+        tok0 = (tile - blk * TPB) * BLOCK_N
+        pool_blk = pool_head + blk
+        s1k = tl.load(KS1_bh + blk)
+        s1v = tl.load(VS1_bh + blk)
+        rows = pool_blk * NB + tok0 + offs_n  # int64 token rows of the pool
+        kwords = tl.load(KC + rows[None, :] * W + offs_w[:, None], mask=wmask[:, None], other=0)  # [WP, BLOCK_N]
+        KSC_blk = KSC + pool_blk * D
+        KZ_blk = KZ + pool_blk * D
+        dots, qz = _k_plane(q0, kwords, KSC_blk, KZ_blk, offs_w, wmask, 0, W, BITS)
+        d1, z1 = _k_plane(q1, kwords, KSC_blk, KZ_blk, offs_w, wmask, 1, W, BITS)
+        dots += d1
+        qz += z1
+        if PW == 4:
+            d2, z2 = _k_plane(q2, kwords, KSC_blk, KZ_blk, offs_w, wmask, 2, W, BITS)
+            d3, z3 = _k_plane(q3, kwords, KSC_blk, KZ_blk, offs_w, wmask, 3, W, BITS)
+            dots += d2 + d3
+            qz += z2 + z3
+        s = (dots + qz[:, None]) * s1k
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        p_hi, p_lo = _split_f16(p)
+        vwords = tl.load(VC + rows[:, None] * W + offs_w[None, :], mask=wmask[None, :], other=0)  # [BLOCK_N, WP]
+        VSC_rows = VSC + rows[:, None] * NG
+        VZ_rows = VZ + rows[:, None] * NG
+        acc0 = acc0 * alpha[:, None] + _v_plane(p_hi, p_lo, vwords, VSC_rows, VZ_rows, offs_w, wmask, 0, W, BITS, VG) * s1v
+        acc1 = acc1 * alpha[:, None] + _v_plane(p_hi, p_lo, vwords, VSC_rows, VZ_rows, offs_w, wmask, 1, W, BITS, VG) * s1v
+        if PW == 4:
+            acc2 = acc2 * alpha[:, None] + _v_plane(p_hi, p_lo, vwords, VSC_rows, VZ_rows, offs_w, wmask, 2, W, BITS, VG) * s1v
+            acc3 = acc3 * alpha[:, None] + _v_plane(p_hi, p_lo, vwords, VSC_rows, VZ_rows, offs_w, wmask, 3, W, BITS, VG) * s1v
+        m_i = m_new
+    _store_partial(PM, PL, PACC, part_row, m_i, l_i, acc0, offs_g, gmask, offs_w, wmask, D)
+    _store_partial(PM, PL, PACC, part_row, m_i, l_i, acc1, offs_g, gmask, W + offs_w, wmask, D)
+    if PW == 4:
+        _store_partial(PM, PL, PACC, part_row, m_i, l_i, acc2, offs_g, gmask, 2 * W + offs_w, wmask, D)
+        _store_partial(PM, PL, PACC, part_row, m_i, l_i, acc3, offs_g, gmask, 3 * W + offs_w, wmask, D)
+
+
+@triton.jit
+def _buffer_split(Q_rows, fold, KBUF_bh, VBUF_bh, MEAN_bh, count, PM, PL, PACC, part_row, offs_g, gmask,
+                  D: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
+                  HAS_MEAN: tl.constexpr):
+    """Online softmax over the `count` fp16/bf16 buffer tokens: s = q' . k - q' . mu (K stored raw)."""
+    offs_d = tl.arange(0, DP)
+    offs_n = tl.arange(0, BLOCK_N)
+    dmask = offs_d < D
+    qf = tl.load(Q_rows[:, None] + offs_d[None, :], mask=gmask[:, None] & dmask[None, :], other=0.0).to(tl.float32) * fold
+    if HAS_MEAN:
+        qmu = tl.sum(qf * tl.load(MEAN_bh + offs_d, mask=dmask, other=0.0)[None, :], axis=1)
+    else:
+        qmu = tl.zeros([BLOCK_G], dtype=tl.float32)
+    buf_ty = KBUF_bh.dtype.element_ty
+    q_hi = qf.to(buf_ty)
+    q_lo = (qf - q_hi.to(tl.float32)).to(buf_ty)
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, DP], dtype=tl.float32)
+    for start in range(0, count, BLOCK_N):
+        tok = start + offs_n
+        tmask = tok < count
+        mask = tmask[:, None] & dmask[None, :]
+        k = tl.load(KBUF_bh + tok[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
+        kt = tl.trans(k)
+        s = tl.dot(q_hi, kt, out_dtype=tl.float32) + tl.dot(q_lo, kt, out_dtype=tl.float32) - qmu[:, None]
+        s = tl.where(tmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        p_hi = p.to(buf_ty)
+        p_lo = (p - p_hi.to(tl.float32)).to(buf_ty)
+        v = tl.load(VBUF_bh + tok[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p_hi, v, out_dtype=tl.float32) + tl.dot(p_lo, v, out_dtype=tl.float32)
+        m_i = m_new
+    _store_partial(PM, PL, PACC, part_row, m_i, l_i, acc, offs_g, gmask, offs_d, dmask, D)
+
+
+@triton.jit
+def _decode_split_kernel(
+        Q, stride_qb, stride_qh, LEN, MEAN, HEAD_BITS, HEAD_SLOT,
+        KC4, KSC4, KZ4, VC4, VSC4, VZ4, KC2, KSC2, KZ2, VC2, VSC2, VZ2,
+        KS1, VS1, KBUF, VBUF, PM, PL, PACC, fold,
+        H, H4, H2, NBLK, NUM_SPLITS, tiles_per_split,
+        G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, NB: tl.constexpr,
+        BLOCK_N: tl.constexpr, VG: tl.constexpr, NG: tl.constexpr, HAS_MEAN: tl.constexpr):
+    """Program (s, b * H + h): packed tiles of split s (s < NUM_SPLITS) or the buffer (s == NUM_SPLITS)
+    for the G query heads of KV head h, over lengths[b] + 1 tokens (the token just appended)."""
+    tl.static_assert(NB % BLOCK_N == 0)
+    pid_s = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    length = tl.load(LEN + b) + 1
+    full = length // NB
+    offs_g = tl.arange(0, BLOCK_G)
+    gmask = offs_g < G
+    hq = h * G + offs_g
+    Q_rows = Q + b.to(tl.int64) * stride_qb + hq.to(tl.int64) * stride_qh
+    num_parts = NUM_SPLITS + 1
+    part_row = ((b * H * G + hq) * num_parts + pid_s).to(tl.int64)
+    if pid_s == NUM_SPLITS:
+        _buffer_split(Q_rows, fold, KBUF + pid_bh.to(tl.int64) * NB * D, VBUF + pid_bh.to(tl.int64) * NB * D,
+                      MEAN + pid_bh.to(tl.int64) * D, length - full * NB, PM, PL, PACC, part_row, offs_g, gmask,
+                      D, DP, BLOCK_N, BLOCK_G, HAS_MEAN)
+    else:
+        tile_lo = pid_s * tiles_per_split
+        tile_hi = tl.minimum(tile_lo + tiles_per_split, full * (NB // BLOCK_N))
+        bits = tl.load(HEAD_BITS + h)
+        slot = tl.load(HEAD_SLOT + h)
+        KS1_bh = KS1 + pid_bh.to(tl.int64) * NBLK
+        VS1_bh = VS1 + pid_bh.to(tl.int64) * NBLK
+        if bits == 4:
+            pool_head = (b.to(tl.int64) * H4 + slot) * NBLK
+            _packed_split(Q_rows, fold, KC4, KSC4, KZ4, VC4, VSC4, VZ4, KS1_bh, VS1_bh, pool_head, tile_lo, tile_hi,
+                          PM, PL, PACC, part_row, offs_g, gmask, D, NB, BLOCK_N, BLOCK_G, VG, NG, 4)
+        else:
+            pool_head = (b.to(tl.int64) * H2 + slot) * NBLK
+            _packed_split(Q_rows, fold, KC2, KSC2, KZ2, VC2, VSC2, VZ2, KS1_bh, VS1_bh, pool_head, tile_lo, tile_hi,
+                          PM, PL, PACC, part_row, offs_g, gmask, D, NB, BLOCK_N, BLOCK_G, VG, NG, 2)
+
+
+@triton.jit
+def _decode_reduce_kernel(PM, PL, PACC, OUT, stride_ob, stride_oh, LEN, HQ, NUM_PARTS,
+                          D: tl.constexpr, DP: tl.constexpr, CHUNK: tl.constexpr, COMMIT: tl.constexpr):
+    """Program b * HQ + hq: combine the partials of all splits into o; COMMIT advances lengths[b]."""
+    pid = tl.program_id(0)
+    b = pid // HQ
+    hq = pid % HQ
+    offs_d = tl.arange(0, DP)
+    dmask = offs_d < D
+    offs_c = tl.arange(0, CHUNK)
+    m_run = tl.full([1], float("-inf"), dtype=tl.float32)
+    l_run = tl.zeros([1], dtype=tl.float32)
+    acc = tl.zeros([DP], dtype=tl.float32)
+    base = pid.to(tl.int64) * NUM_PARTS
+    for start in range(0, NUM_PARTS, CHUNK):
+        parts = start + offs_c
+        pmask = parts < NUM_PARTS
+        m = tl.load(PM + base + parts, mask=pmask, other=float("-inf"))
+        l = tl.load(PL + base + parts, mask=pmask, other=0.0)
+        a = tl.load(PACC + (base + parts)[:, None] * D + offs_d[None, :], mask=pmask[:, None] & dmask[None, :], other=0.0)
+        m_new = tl.maximum(m_run, tl.max(m, axis=0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        w = tl.exp2(m - m_safe)
+        r = tl.exp2(m_run - m_safe)
+        l_run = l_run * r + tl.sum(w * l, axis=0)
+        acc = acc * r + tl.sum(w[:, None] * a, axis=0)
+        m_run = m_new
+    out = acc / tl.maximum(l_run, 1e-30)
+    out = tl.where(l_run > 0, out, 0.0)
+    tl.store(OUT + b.to(tl.int64) * stride_ob + hq.to(tl.int64) * stride_oh + offs_d, out.to(OUT.dtype.element_ty), mask=dmask)
+    if COMMIT:
+        if hq == 0:
+            tl.store(LEN + b, tl.load(LEN + b) + 1)
