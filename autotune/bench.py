@@ -373,3 +373,21 @@ def quant_parts(model: str, n: int, tokens: int, config) -> None:
     for name, fn in parts.items():
         p20, p50, p80 = time_ms(fn)
         print(f"{model:11s} N={n:6d} {name:18s} {p50 * 1e3:8.1f} us", flush=True)
+
+
+def _parse_value(raw: str):
+    low = raw.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low == "none":
+        return None
+    for cast in (int, float):
+        try:
+            return cast(raw)
+        except ValueError:
+            pass
+    return raw
+
+
+if __name__ == "__main__":
+    sys.exit(main())
