@@ -87,11 +87,12 @@ THRESHOLD_FMA_OPS_PER_SCORE = 2  # FSETP + FSEL when config.sparsity_threshold i
 # Tiles of the masked loop (the causal diagonal band; the ragged last tile) also build the mask:
 # two integer compares, an AND and the select per score element.
 MASK_FMA_OPS_PER_SCORE = 4
-# Per accumulator element (Br x D) per KV tile: pv int32 -> fp32 by IADD + FSUB of the magic
-# number, then acc*alpha + pv*coef (FMUL + FFMA): 4, no conversion. Per score element that is
-# 4*D/Bc, so a wider KV tile amortises it.
+# Per accumulator element (Br x D) per KV tile: the int32 pv read as MAGIC_F + pv by one IADD,
+# then (acc*alpha - MAGIC_F*coef) + y*coef in two FFMA (commit 21bb66a): 3, no conversion. Per
+# score element that is 3*D/Bc, so a wider KV tile amortises it. (The H100 timings in
+# calibrations/ were taken with the previous 4-instruction epilogue.)
 ACC_CONVERSIONS = 0
-ACC_UPDATE_FMA_OPS = 4
+ACC_UPDATE_FMA_OPS = 3
 # SAS exponential (kernels/sas.py sas_exp2_times_127), per exponential: FMNMX clamp, FADD
 # f = -x - n, 3 FFMA (Horner, degree 3), ISUB and SHL (2^-n into the exponent bits), FMUL: 8 on
 # the fma pipe; tl.floor (FRND) and n.to(int32) (F2I) are PTX cvt instructions at the quarter
