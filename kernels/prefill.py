@@ -280,7 +280,7 @@ def turbo_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     if config is None:
         from .loader import load_config
 
-        config = load_config(head_dim=d)
+        config = load_config(head_dim=d, seq_len=nq)
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
     kv = quantize_kv_tiles(q, k, v, config.block_n, scale, config.smooth_k, config.balance)
     out = torch.empty((b, hq, nq, d), device=q.device, dtype=q.dtype)
