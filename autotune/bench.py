@@ -208,6 +208,7 @@ def sweep_prefill(model: str, n: int, tokens: int, causal: bool, grid: dict, out
     flops = 4.0 * batch * hq * n * n * d / (2.0 if causal else 1.0)
     keys = list(grid)
     rows = []
+    out_dir.mkdir(parents=True, exist_ok=True)
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 git_sha=_git_sha(), date=_dt.date.today().isoformat())
     for values in itertools.product(*(grid[k] for k in keys)):
@@ -227,9 +228,9 @@ def sweep_prefill(model: str, n: int, tokens: int, causal: bool, grid: dict, out
                    cosine=round(err.cosine, 6), rel_l1=round(err.rel_l1, 6), quant_in_timed_region=True,
                    kv_repeated_for_peer=False, **meta)
         rows.append(row)
+        # one row at a time, so a sweep cut short by a time limit keeps what it measured
+        write_rows(out_dir / f"sweep-prefill-{gpu_key(meta['gpu'])}.csv", [row], PREFILL_COLUMNS)
         print(f"  {config_label(cfg):52s} {p50:7.3f} ms {row['tops']:6.1f} TOPS cos={err.cosine:.5f} ({time.time() - t0:.1f}s)", flush=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_rows(out_dir / f"sweep-prefill-{gpu_key(meta['gpu'])}.csv", rows, PREFILL_COLUMNS)
     return rows
 
 
