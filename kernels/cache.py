@@ -62,7 +62,7 @@ import triton
 from . import reference as R
 from .checks import check_config, check_sm_scale, check_tensor
 from .config import KernelConfig
-from .decode import (APPEND_NUM_WARPS, INTERPRETER_SMS, QUANT_NUM_WARPS, REDUCE_NUM_WARPS, REDUCE_SPLIT_CHUNK,
+from .decode import (APPEND_NUM_WARPS, INTERPRETER_SMS, QUANT_NUM_WARPS, REDUCE_NUM_WARPS, REDUCE_TILE_ELEMS,
                      _append_kernel, _decode_reduce_kernel, _decode_split_kernel, _quantize_blocks_kernel,
                      decode_num_splits, decode_tile_tokens)
 
@@ -279,22 +279,24 @@ class TurboKVCache:
 
     # ------------------------------------------------------------------ prefill
 
-    def _check_kv(self, k, v, n_name: str, n_expected: int | None = None, dtypes=INPUT_DTYPES) -> int:
-        for name, x in (("k", k), ("v", v)):
-            check_tensor(name, x, ndim=4, dtypes=dtypes)
+    def _check_kv(self, k, v, names=("k", "v"), decode: bool = False) -> int:
+        """Validate a K/V pair [B, Hkv, N, D] against the cache (N == 1 for decode); return N."""
+        kn, vn = names
+        for name, x in ((kn, k), (vn, v)):
+            check_tensor(name, x, ndim=4, dtypes=INPUT_DTYPES)
             if x.device != self.device:
                 raise ValueError(f"{name} must be on the cache's device {self.device}, got {x.device}")
         if v.dtype != k.dtype:
-            raise TypeError(f"k and v must share one dtype, got k={k.dtype}, v={v.dtype}")
+            raise TypeError(f"{kn} and {vn} must share one dtype, got {kn}={k.dtype}, {vn}={v.dtype}")
         b, h, n, d = k.shape
         if (b, h, d) != (self.batch, self.num_kv_heads, self.head_dim):
-            raise ValueError(f"k must be [B={self.batch}, Hkv={self.num_kv_heads}, {n_name}, D={self.head_dim}], "
-                             f"got {tuple(k.shape)}")
+            raise ValueError(f"{kn} must be [B={self.batch}, Hkv={self.num_kv_heads}, {'1' if decode else 'N'}, "
+                             f"D={self.head_dim}], got {tuple(k.shape)}")
         if tuple(v.shape) != tuple(k.shape):
-            raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
-        if n_expected is not None and n != n_expected:
-            raise ValueError(f"k and v must have {n_name} = {n_expected} tokens in dim 2, got {n}")
-        for name, x in (("k", k), ("v", v)):
+            raise ValueError(f"{vn} must have the shape of {kn} {tuple(k.shape)}, got {tuple(v.shape)}")
+        if decode and n != 1:
+            raise ValueError(f"{kn} and {vn} must have 1 token in dim 2 (one new token per sequence), got {n}")
+        for name, x in ((kn, k), (vn, v)):
             if x.stride(-1) != 1:
                 raise ValueError(f"{name} must be contiguous in its last dim (stride 1), got strides {tuple(x.stride())}")
         return n
@@ -322,7 +324,7 @@ class TurboKVCache:
         its first lengths[b] tokens (default N). bits: optional per-head bits (4/2) pinning the
         assignment for this prompt (else the pinned file, else priority + config.bit_mix).
         """
-        n = self._check_kv(k, v, "N")
+        n = self._check_kv(k, v)
         if n < 1 or n > self.max_len:
             raise ValueError(f"k and v must have 1 <= N <= max_len ({self.max_len}) tokens in dim 2, got {n}")
         lens = self._check_lengths(lengths, n)
@@ -363,7 +365,7 @@ class TurboKVCache:
 
     def _check_decode(self, q, k_new, v_new, sm_scale) -> None:
         check_tensor("q", q, ndim=4, dtypes=INPUT_DTYPES)
-        self._check_kv(k_new, v_new, "1", n_expected=1)
+        self._check_kv(k_new, v_new, names=("k_new", "v_new"), decode=True)
         if q.device != self.device:
             raise ValueError(f"q must be on the cache's device {self.device}, got {q.device}")
         if k_new.dtype != q.dtype:
@@ -389,61 +391,78 @@ class TurboKVCache:
         self._check_decode(q, k_new, v_new, sm_scale)
         return self._step(q, k_new, v_new, sm_scale, commit=True)
 
+    def _split_plan(self, new_lengths: list[int]) -> tuple[int, int]:
+        """(number of packed splits, tiles per split) for a step that ends at new_lengths."""
+        nb, block_n = self.block_tokens, self.decode_block_n
+        max_tiles = (max(new_lengths) // nb) * (nb // block_n)
+        splits = decode_num_splits(max_tiles, self.batch * self.num_kv_heads, _num_sms(self.device),
+                                   self.config.num_splits)
+        if splits == 0:
+            return 0, 1
+        per_split = triton.cdiv(max_tiles, splits)
+        return triton.cdiv(max_tiles, per_split), per_split
+
     def _step(self, q, k_new, v_new, sm_scale=None, commit: bool = True) -> torch.Tensor:
         """The kernels of one decode step (inputs already validated). commit=False leaves the lengths
-        as they were, so the step can be replayed (the benchmark times it that way)."""
+        as they were, so the step can be replayed (the benchmark times it that way).
+
+        A step without a flush is two launches: the split kernel (whose buffer program appends the
+        new token) and the reduction. A step where some buffer fills appends first, flushes, then
+        runs the same two kernels without the append.
+        """
         b, hq, _, d = q.shape
         h, nb = self.num_kv_heads, self.block_tokens
         dp = triton.next_power_of_2(d)
-        _append_kernel[(b * h,)](k_new, v_new, k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
-                                 self.k_buffer, self.v_buffer, self.lengths_dev, h, NB=nb, D=d, DP=dp,
-                                 num_warps=APPEND_NUM_WARPS)
         new_lengths = [n + 1 for n in self._lengths]
-        if any(n % nb == 0 for n in new_lengths):
+        flush = any(n % nb == 0 for n in new_lengths)
+        if flush:
+            _append_kernel[(b * h,)](k_new, v_new, k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
+                                     self.k_buffer, self.v_buffer, self.lengths_dev, h, NB=nb, D=d, DP=dp,
+                                     num_warps=APPEND_NUM_WARPS)
             self._launch_quantize((1, b * h), self.k_buffer, self.v_buffer, flush=True)
-        block_n = self.decode_block_n
-        max_tiles = (max(new_lengths) // nb) * (nb // block_n)
-        splits = decode_num_splits(max_tiles, b * h, _num_sms(self.device), self.config.num_splits)
-        per_split = triton.cdiv(max_tiles, splits) if splits else 0
-        splits = triton.cdiv(max_tiles, per_split) if splits else 0
+        splits, per_split = self._split_plan(new_lengths)
         parts = splits + 1
         pm = torch.empty(b, hq, parts, device=self.device, dtype=torch.float32)
         pl = torch.empty_like(pm)
         pacc = torch.empty(b, hq, parts, d, device=self.device, dtype=torch.float32)
         group = hq // h
+        block_g = max(16, triton.next_power_of_2(group))
         scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
         p4, p2 = self.pool4, self.pool2
-        p2 = p2 if p2.k_codes.shape[1] else p4
+        p2 = p2 if p2.k_codes.shape[1] else p4  # an empty pool is never read: pass a valid pointer
         p4 = p4 if p4.k_codes.shape[1] else p2
         _decode_split_kernel[(parts, b * h)](
-            q, q.stride(0), q.stride(1), self.lengths_dev, self.k_mean if self.k_mean is not None else self.k_s1,
+            q, q.stride(0), q.stride(1), k_new, v_new, k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
+            self.lengths_dev, self.k_mean if self.k_mean is not None else self.k_s1,
             self.head_bits_dev, self.head_slot_dev, *p4, *p2, self.k_s1, self.v_s1, self.k_buffer, self.v_buffer,
             pm, pl, pacc, scale * R.LOG2E, h, self.pool4.k_codes.shape[1], self.pool2.k_codes.shape[1],
-            self.num_blocks, splits, max(per_split, 1),
-            G=group, BLOCK_G=max(16, triton.next_power_of_2(group)), D=d, DP=dp, NB=nb, BLOCK_N=block_n,
-            VG=self.config.v_group, NG=self.num_v_groups, HAS_MEAN=self.k_mean is not None,
+            self.num_blocks, splits, per_split,
+            G=group, BLOCK_G=block_g, D=d, DP=dp, NB=nb, BLOCK_N=self.decode_block_n,
+            VG=self.config.v_group, NG=self.num_v_groups, HAS_MEAN=self.k_mean is not None, APPEND=not flush,
             num_warps=self.config.decode_num_warps, num_stages=self.config.decode_num_stages)
         out = torch.empty((b, hq, 1, d), device=self.device, dtype=q.dtype)
-        _decode_reduce_kernel[(b * hq,)](pm, pl, pacc, out, out.stride(0), out.stride(1), self.lengths_dev, hq, parts,
-                                         D=d, DP=dp, CHUNK=REDUCE_SPLIT_CHUNK, COMMIT=commit,
-                                         num_warps=REDUCE_NUM_WARPS)
+        chunk = max(1, REDUCE_TILE_ELEMS // (block_g * dp))
+        _decode_reduce_kernel[(b * h,)](pm, pl, pacc, out, out.stride(0), out.stride(1), self.lengths_dev, h, parts,
+                                        G=group, BLOCK_G=block_g, D=d, DP=dp, CHUNK=chunk, COMMIT=commit,
+                                        num_warps=REDUCE_NUM_WARPS)
         if commit:
             self._lengths = new_lengths
         return out
 
-    def bytes_read_per_step(self, hq: int) -> int:
-        """Bytes the decode kernels read in one step at the current lengths (for GB/s): packed codes,
-        scales and zero points of every full block, stage-1 scales, the buffer tokens, q, mean, the
-        partials (written and read back), the new token and the output."""
+    def decode_bytes_read(self, hq: int) -> int:
+        """Bytes one decode step (no flush) reads from device memory at the current lengths: for each
+        sequence and KV head, the codes, scales and zero points of every packed block with its two
+        stage-1 scales, the buffer tokens, the mean; plus q, k_new and v_new, and the split partials
+        that the reduction reads back. (Writes, a few hundred bytes per head, are not counted.)"""
         d, nb, ng = self.head_dim, self.block_tokens, self.num_v_groups
         e = torch.empty((), dtype=self.dtype).element_size()
+        new_lengths = [n + 1 for n in self._lengths]
+        per_block = {bits: 2 * nb * d * bits // 8 + 2 * d + 2 * nb * ng + 8 for bits in (4, 2)}
         total = 0
-        for n in self._lengths:
-            n1 = n + 1
-            full, rest = n1 // nb, n1 % nb
-            for bits in self._bits:
-                total += full * (2 * nb * d * bits // 8 + 2 * d + 2 * nb * ng + 8)
-                total += 2 * rest * d * e
+        for n in new_lengths:
+            full, rest = n // nb, n % nb
+            total += sum(full * per_block[bits] + 2 * (rest - 1) * d * e for bits in self._bits)
         h = self.num_kv_heads
-        total += self.batch * (hq * d * e * 2 + h * d * 4 * int(self.smooth) + 2 * h * d * e)
+        parts = self._split_plan(new_lengths)[0] + 1
+        total += self.batch * (hq * d * e + 2 * h * d * e + 4 * h * d * int(self.smooth) + hq * parts * (d + 2) * 4)
         return total

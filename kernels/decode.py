@@ -12,19 +12,21 @@ Kernels:
   prompt goes to the head's pool (4-bit or 2-bit), the partial last block to the buffer. FLUSH:
   a sequence whose buffer just filled (lengths + 1 a multiple of n_b) moves it into its next block.
   Planar packing is a product with a 0/2^k selection matrix (exact in fp16 x fp16 -> fp32).
-- `_append_kernel`: writes the new token's k, v into the buffer slot lengths[b] % n_b.
+- `_append_kernel`: writes the new token's k, v into the buffer slot lengths[b] % n_b (only on a
+  step that flushes; otherwise the split kernel's buffer program appends it).
 - `_decode_split_kernel` (flash-decoding): program (split s, sequence x KV head) runs an online
   base-2 softmax over its share of the packed tiles of BLOCK_N tokens, or (s == S) over the
   buffer, for all G = Hq / Hkv query heads of the KV head at once ([G, D] x [D, BLOCK_N] products,
   each KV tile loaded once), and writes partial (max m, sum l, acc). Per packed tile, with
-  q' = q * sm_scale * log2(e) split into fp16 planes:
-      s   = s1k * (sum_i (q'_i * kscale_i) . code_i + q' . kzero)      (codes unpacked by shift/mask)
-      acc = acc * 2^(m - m_new) + s1v * p . (vcode * vscale + vzero)   (integer dequant in registers)
-  Every fp32 operand of a tensor-core product is split hi + lo in fp16 (two products), so the
-  kernel keeps ~fp32 accuracy; codes and dequantized INT8 values are exact in fp16. Nothing
-  dequantized is ever written to memory.
-- `_decode_reduce_kernel`: o = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s per query head; with
-  COMMIT it also advances lengths[b] (so the decode step needs no host synchronisation).
+  q' = q * sm_scale * log2(e):
+      s   = s1k * (sum_d (q'_d * kscale_d) code_d + sum_d q'_d * kzero_d)   (codes by shift/mask)
+      acc = acc * 2^(m - m_new) + s1v * p . (vcode * vscale + vzero)      (integer dequant in registers)
+  Every fp32 operand of a tensor-core product (q' * kscale, p) is split hi + lo in fp16 (two
+  products), so the kernel keeps ~fp32 accuracy; codes and dequantized INT8 values are exact in
+  fp16. Nothing dequantized is ever written to memory.
+- `_decode_reduce_kernel`: program per (sequence, KV head): o = sum_s 2^(m_s - M) acc_s /
+  sum_s 2^(m_s - M) l_s for its G query heads; with COMMIT it also advances lengths[b] (so a
+  decode step needs no host synchronisation).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import triton.language as tl
 QUANT_NUM_WARPS = 4  # block quantization: one [n_b, D] tile per program, off the decode hot path
 APPEND_NUM_WARPS = 1
 REDUCE_NUM_WARPS = 4
-REDUCE_SPLIT_CHUNK = 16  # partials combined per step of the reduction loop
+REDUCE_TILE_ELEMS = 8192  # [G, CHUNK, D] partials combined per step of the reduction loop (fp32 registers)
 MIN_TILES_PER_SPLIT = 4  # a split shorter than this costs more in setup and partials than it saves
 WAVES = 2  # programs per SM the split heuristic aims for
 INTERPRETER_SMS = 4  # no GPU: the interpreter runs programs one after another, so fewer is faster
@@ -81,11 +83,14 @@ def _stage1_int8(x, mask):
     """Symmetric INT8 over the whole tile (masked entries 0): codes int32 in [-127, 127] and s1."""
     x = tl.where(mask, x, 0.0)
     amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
-    inv = tl.where(amax > 0, tl.math.div_rn(127.0, tl.maximum(amax, 1e-38)), 0.0)
+    one = tl.zeros_like(amax) + 1.0
+    # the reference's `127.0 / amax` is torch's __rtruediv__, i.e. reciprocal(amax) * 127, each
+    # correctly rounded; div_rn because Triton's plain fp32 `/` is approximate on the GPU
+    inv = tl.where(amax > 0, tl.math.div_rn(one, tl.maximum(amax, 1e-30)) * 127.0, 0.0)
     y = x * inv
     codes = (y + tl.where(y >= 0, 0.5, -0.5)).to(tl.int32)  # round half away from zero
     codes = tl.minimum(tl.maximum(codes, -127), 127)
-    return codes, tl.math.div_rn(amax, 127.0)
+    return codes, tl.math.div_rn(amax, one * 127.0)
 
 
 @triton.jit
@@ -244,163 +249,147 @@ def _append_kernel(KN, VN, stride_kb, stride_kh, stride_vb, stride_vh, KBUF, VBU
 # ----------------------------------------------------------------------------- split-KV decode
 
 @triton.jit
-def _split_f16(x):
-    """fp32 -> (hi, lo) fp16 with hi + lo = x to ~2^-22 relative (products of both keep fp32 accuracy)."""
-    hi = x.to(tl.float16)
-    lo = (x - hi.to(tl.float32)).to(tl.float16)
-    return hi, lo
+def _packed_split(Q_rows, fold, KC, KSC, KZ, VC, VSC, VZ, KS1_bh, VS1_bh, pool_head, tile_lo, tile_hi,
+                  PM, PL, PACC, part_row, gmask,
+                  D: tl.constexpr, NB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
+                  VG: tl.constexpr, NG: tl.constexpr, BITS: tl.constexpr):
+    """Online softmax over packed tiles [tile_lo, tile_hi) of one (sequence, KV head) in pool `BITS`.
 
-
-@triton.jit
-def _k_plane(q_plane, kwords, KSC_blk, KZ_blk, offs_w, wmask, I: tl.constexpr, W: tl.constexpr, BITS: tl.constexpr):
-    """Plane I of a packed K tile: (sum_w q'_w kscale_w code_w as [G, BLOCK_N], sum_w q'_w kzero_w as [G])."""
+    Columns c of the unpacked tile are plane-major: c = i * WP + w is channel i * W + w (w < W), so
+    unpacking a byte of plane i is one shift by i * BITS and one mask; the byte is loaded once per
+    plane (the repeats hit L1). Products run on fp16 tensor cores with fp32 operands split hi + lo.
+    """
+    PW: tl.constexpr = 8 // BITS
+    W: tl.constexpr = D // PW
+    WP: tl.constexpr = max(16, triton.next_power_of_2(W))
+    C: tl.constexpr = PW * WP
+    TPB: tl.constexpr = NB // BLOCK_N
     MASK: tl.constexpr = (1 << BITS) - 1
-    ksc = tl.load(KSC_blk + I * W + offs_w, mask=wmask, other=0).to(tl.float32)
-    kz = tl.load(KZ_blk + I * W + offs_w, mask=wmask, other=0).to(tl.float32)
-    qs_hi, qs_lo = _split_f16(q_plane * ksc[None, :])
-    code = ((kwords >> (I * BITS)) & MASK).to(tl.int16)
-    code16 = (code | F16_MAGIC_CODE).to(tl.float16, bitcast=True) - 1024.0  # exact, no I2F
-    dots = tl.dot(qs_hi, code16, out_dtype=tl.float32) + tl.dot(qs_lo, code16, out_dtype=tl.float32)
-    return dots, tl.sum(q_plane * kz[None, :], axis=1)
-
-
-@triton.jit
-def _v_plane(p_hi, p_lo, vwords, VSC_rows, VZ_rows, offs_w, wmask, I: tl.constexpr, W: tl.constexpr,
-             BITS: tl.constexpr, VG: tl.constexpr):
-    """Plane I of a packed V tile: p . (code * scale + zero) as [G, WP] (integer dequant, exact fp16)."""
-    MASK: tl.constexpr = (1 << BITS) - 1
-    group = (I * W + offs_w) // VG
-    vsc = tl.load(VSC_rows + group[None, :], mask=wmask[None, :], other=0).to(tl.int32)
-    vz = tl.load(VZ_rows + group[None, :], mask=wmask[None, :], other=0).to(tl.int32)
-    code = ((vwords >> (I * BITS)) & MASK).to(tl.int32)
-    v16 = ((code * vsc + (vz + F16_MAGIC_INT)).to(tl.int16)).to(tl.float16, bitcast=True) - 1536.0
-    return tl.dot(p_hi, v16, out_dtype=tl.float32) + tl.dot(p_lo, v16, out_dtype=tl.float32)
-
-
-@triton.jit
-def _store_partial(PM, PL, PACC, part_row, m_i, l_i, acc, offs_g, gmask, chan, cmask, D: tl.constexpr):
+    offs_c = tl.arange(0, C)
+    offs_n = tl.arange(0, BLOCK_N)
+    word = offs_c % WP
+    cmask = word < W
+    chan = (offs_c // WP) * W + word
+    shift = (offs_c // WP) * BITS
+    group = chan // VG
+    qf = tl.load(Q_rows[:, None] + chan[None, :], mask=gmask[:, None] & cmask[None, :], other=0.0).to(tl.float32) * fold
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, C], dtype=tl.float32)
+    for tile in range(tile_lo, tile_hi):
+        blk = tile // TPB
+        pool_blk = pool_head + blk  # int64
+        row0 = pool_blk * NB + (tile - blk * TPB) * BLOCK_N  # first token row of the tile in the pool
+        # scores: s = s1k * (sum_c (q'_c kscale_c) code_c + sum_c q'_c kzero_c)
+        ksc = tl.load(KSC + pool_blk * D + chan, mask=cmask, other=0).to(tl.float32)
+        kz = tl.load(KZ + pool_blk * D + chan, mask=cmask, other=0).to(tl.float32)
+        qs = qf * ksc[None, :]
+        qs_hi = qs.to(tl.float16)
+        qs_lo = (qs - qs_hi.to(tl.float32)).to(tl.float16)
+        kbytes = tl.load(KC + row0 * W + (offs_n[None, :] * W + word[:, None]), mask=cmask[:, None], other=0)  # [C, BLOCK_N]
+        kcode = ((kbytes >> shift[:, None]) & MASK).to(tl.int16)
+        k16 = (kcode | F16_MAGIC_CODE).to(tl.float16, bitcast=True) - 1024.0  # exact, no I2F
+        dots = tl.dot(qs_hi, k16, out_dtype=tl.float32) + tl.dot(qs_lo, k16, out_dtype=tl.float32)
+        s = (dots + tl.sum(qf * kz[None, :], axis=1)[:, None]) * tl.load(KS1_bh + blk)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        p_hi = p.to(tl.float16)
+        p_lo = (p - p_hi.to(tl.float32)).to(tl.float16)
+        # values: v = s1v * (code * scale + zero), integer dequant in registers, exact in fp16
+        vbytes = tl.load(VC + row0 * W + (offs_n[:, None] * W + word[None, :]), mask=cmask[None, :], other=0)  # [BLOCK_N, C]
+        vcode = (vbytes >> shift[None, :]) & MASK
+        g_off = offs_n[:, None] * NG + group[None, :]
+        vsc = tl.load(VSC + row0 * NG + g_off, mask=cmask[None, :], other=0).to(tl.int32)
+        vz = tl.load(VZ + row0 * NG + g_off, mask=cmask[None, :], other=0).to(tl.int32)
+        v16 = ((vcode * vsc + (vz + F16_MAGIC_INT)).to(tl.int16)).to(tl.float16, bitcast=True) - 1536.0
+        pv = tl.dot(p_hi, v16, out_dtype=tl.float32) + tl.dot(p_lo, v16, out_dtype=tl.float32)
+        acc = acc * alpha[:, None] + pv * tl.load(VS1_bh + blk)
+        m_i = m_new
     tl.store(PM + part_row, m_i, mask=gmask)
     tl.store(PL + part_row, l_i, mask=gmask)
     tl.store(PACC + part_row[:, None] * D + chan[None, :], acc, mask=gmask[:, None] & cmask[None, :])
 
 
 @triton.jit
-def _packed_split(Q_rows, fold, KC, KSC, KZ, VC, VSC, VZ, KS1_bh, VS1_bh, pool_head, tile_lo, tile_hi,
-                  PM, PL, PACC, part_row, offs_g, gmask,
-                  D: tl.constexpr, NB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
-                  VG: tl.constexpr, NG: tl.constexpr, BITS: tl.constexpr):
-    """Online softmax over packed tiles [tile_lo, tile_hi) of one (sequence, KV head) in pool `BITS`."""
-    PW: tl.constexpr = 8 // BITS
-    W: tl.constexpr = D // PW
-    WP: tl.constexpr = max(16, triton.next_power_of_2(W))
-    TPB: tl.constexpr = NB // BLOCK_N
-    offs_w = tl.arange(0, WP)
-    offs_n = tl.arange(0, BLOCK_N)
-    wmask = offs_w < W
-    qmask = gmask[:, None] & wmask[None, :]
-    q0 = tl.load(Q_rows[:, None] + offs_w[None, :], mask=qmask, other=0.0).to(tl.float32) * fold
-    q1 = tl.load(Q_rows[:, None] + (W + offs_w)[None, :], mask=qmask, other=0.0).to(tl.float32) * fold
-    q2 = q0
-    q3 = q0
-    if PW == 4:
-        q2 = tl.load(Q_rows[:, None] + (2 * W + offs_w)[None, :], mask=qmask, other=0.0).to(tl.float32) * fold
-        q3 = tl.load(Q_rows[:, None] + (3 * W + offs_w)[None, :], mask=qmask, other=0.0).to(tl.float32) * fold
-    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
-    acc0 = tl.zeros([BLOCK_G, WP], dtype=tl.float32)
-    acc1 = tl.zeros([BLOCK_G, WP], dtype=tl.float32)
-    acc2 = tl.zeros([BLOCK_G, WP], dtype=tl.float32)
-    acc3 = tl.zeros([BLOCK_G, WP], dtype=tl.float32)
-    for tile in range(tile_lo, tile_hi):
-        blk = tile // TPB
-        tok0 = (tile - blk * TPB) * BLOCK_N
-        pool_blk = pool_head + blk
-        s1k = tl.load(KS1_bh + blk)
-        s1v = tl.load(VS1_bh + blk)
-        rows = pool_blk * NB + tok0 + offs_n  # int64 token rows of the pool
-        kwords = tl.load(KC + rows[None, :] * W + offs_w[:, None], mask=wmask[:, None], other=0)  # [WP, BLOCK_N]
-        KSC_blk = KSC + pool_blk * D
-        KZ_blk = KZ + pool_blk * D
-        dots, qz = _k_plane(q0, kwords, KSC_blk, KZ_blk, offs_w, wmask, 0, W, BITS)
-        d1, z1 = _k_plane(q1, kwords, KSC_blk, KZ_blk, offs_w, wmask, 1, W, BITS)
-        dots += d1
-        qz += z1
-        if PW == 4:
-            d2, z2 = _k_plane(q2, kwords, KSC_blk, KZ_blk, offs_w, wmask, 2, W, BITS)
-            d3, z3 = _k_plane(q3, kwords, KSC_blk, KZ_blk, offs_w, wmask, 3, W, BITS)
-            dots += d2 + d3
-            qz += z2 + z3
-        s = (dots + qz[:, None]) * s1k
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        p_hi, p_lo = _split_f16(p)
-        vwords = tl.load(VC + rows[:, None] * W + offs_w[None, :], mask=wmask[None, :], other=0)  # [BLOCK_N, WP]
-        VSC_rows = VSC + rows[:, None] * NG
-        VZ_rows = VZ + rows[:, None] * NG
-        acc0 = acc0 * alpha[:, None] + _v_plane(p_hi, p_lo, vwords, VSC_rows, VZ_rows, offs_w, wmask, 0, W, BITS, VG) * s1v
-        acc1 = acc1 * alpha[:, None] + _v_plane(p_hi, p_lo, vwords, VSC_rows, VZ_rows, offs_w, wmask, 1, W, BITS, VG) * s1v
-        if PW == 4:
-            acc2 = acc2 * alpha[:, None] + _v_plane(p_hi, p_lo, vwords, VSC_rows, VZ_rows, offs_w, wmask, 2, W, BITS, VG) * s1v
-            acc3 = acc3 * alpha[:, None] + _v_plane(p_hi, p_lo, vwords, VSC_rows, VZ_rows, offs_w, wmask, 3, W, BITS, VG) * s1v
-        m_i = m_new
-    _store_partial(PM, PL, PACC, part_row, m_i, l_i, acc0, offs_g, gmask, offs_w, wmask, D)
-    _store_partial(PM, PL, PACC, part_row, m_i, l_i, acc1, offs_g, gmask, W + offs_w, wmask, D)
-    if PW == 4:
-        _store_partial(PM, PL, PACC, part_row, m_i, l_i, acc2, offs_g, gmask, 2 * W + offs_w, wmask, D)
-        _store_partial(PM, PL, PACC, part_row, m_i, l_i, acc3, offs_g, gmask, 3 * W + offs_w, wmask, D)
-
-
-@triton.jit
-def _buffer_split(Q_rows, fold, KBUF_bh, VBUF_bh, MEAN_bh, count, PM, PL, PACC, part_row, offs_g, gmask,
+def _buffer_split(Q_rows, fold, KBUF_bh, VBUF_bh, MEAN_bh, count, KN_row, VN_row, PM, PL, PACC, part_row, gmask,
                   D: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
-                  HAS_MEAN: tl.constexpr):
-    """Online softmax over the `count` fp16/bf16 buffer tokens: s = q' . k - q' . mu (K stored raw)."""
+                  HAS_MEAN: tl.constexpr, APPEND: tl.constexpr, FP32_PRODUCTS: tl.constexpr):
+    """Online softmax over the `count` fp16/bf16 buffer tokens: s = q' . k - q' . mu (K stored raw).
+
+    APPEND: the last of them is the new token, taken from k_new / v_new in registers and written to
+    its buffer slot here (no other program reads the buffer, so there is no hazard). Products: fp16
+    tensor cores with q' and p split hi + lo; FP32_PRODUCTS (bf16 buffers) plain fp32 products
+    (bf16 hi + lo would keep only 16 bits, and Triton's interpreter cannot multiply bf16), at most
+    n_b tokens a step, so their cost is small.
+    """
     offs_d = tl.arange(0, DP)
     offs_n = tl.arange(0, BLOCK_N)
     dmask = offs_d < D
+    buf_ty = KBUF_bh.dtype.element_ty
     qf = tl.load(Q_rows[:, None] + offs_d[None, :], mask=gmask[:, None] & dmask[None, :], other=0.0).to(tl.float32) * fold
     if HAS_MEAN:
         qmu = tl.sum(qf * tl.load(MEAN_bh + offs_d, mask=dmask, other=0.0)[None, :], axis=1)
     else:
         qmu = tl.zeros([BLOCK_G], dtype=tl.float32)
-    buf_ty = KBUF_bh.dtype.element_ty
     q_hi = qf.to(buf_ty)
     q_lo = (qf - q_hi.to(tl.float32)).to(buf_ty)
+    new_pos = count - 1
+    stored = count
+    if APPEND:
+        stored = new_pos
+        k_new = tl.load(KN_row + offs_d, mask=dmask, other=0.0).to(buf_ty)
+        v_new = tl.load(VN_row + offs_d, mask=dmask, other=0.0).to(buf_ty)
+        tl.store(KBUF_bh + new_pos * D + offs_d, k_new, mask=dmask)
+        tl.store(VBUF_bh + new_pos * D + offs_d, v_new, mask=dmask)
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, DP], dtype=tl.float32)
     for start in range(0, count, BLOCK_N):
         tok = start + offs_n
         tmask = tok < count
-        mask = tmask[:, None] & dmask[None, :]
-        k = tl.load(KBUF_bh + tok[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
-        kt = tl.trans(k)
-        s = tl.dot(q_hi, kt, out_dtype=tl.float32) + tl.dot(q_lo, kt, out_dtype=tl.float32) - qmu[:, None]
+        lmask = tok < stored
+        kt = tl.load(KBUF_bh + tok[None, :] * D + offs_d[:, None], mask=dmask[:, None] & lmask[None, :], other=0.0)  # [DP, BLOCK_N]
+        v = tl.load(VBUF_bh + tok[:, None] * D + offs_d[None, :], mask=lmask[:, None] & dmask[None, :], other=0.0)
+        if APPEND:
+            kt = tl.where(tok[None, :] == new_pos, k_new[:, None], kt)
+            v = tl.where(tok[:, None] == new_pos, v_new[None, :], v)
+        if FP32_PRODUCTS:
+            s = tl.dot(qf, kt.to(tl.float32), input_precision="ieee") - qmu[:, None]
+        else:
+            s = tl.dot(q_hi, kt, out_dtype=tl.float32) + tl.dot(q_lo, kt, out_dtype=tl.float32) - qmu[:, None]
         s = tl.where(tmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        p_hi = p.to(buf_ty)
-        p_lo = (p - p_hi.to(tl.float32)).to(buf_ty)
-        v = tl.load(VBUF_bh + tok[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p_hi, v, out_dtype=tl.float32) + tl.dot(p_lo, v, out_dtype=tl.float32)
+        if FP32_PRODUCTS:
+            pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:
+            p_hi = p.to(buf_ty)
+            p_lo = (p - p_hi.to(tl.float32)).to(buf_ty)
+            pv = tl.dot(p_hi, v, out_dtype=tl.float32) + tl.dot(p_lo, v, out_dtype=tl.float32)
+        acc = acc * alpha[:, None] + pv
         m_i = m_new
-    _store_partial(PM, PL, PACC, part_row, m_i, l_i, acc, offs_g, gmask, offs_d, dmask, D)
+    tl.store(PM + part_row, m_i, mask=gmask)
+    tl.store(PL + part_row, l_i, mask=gmask)
+    tl.store(PACC + part_row[:, None] * D + offs_d[None, :], acc, mask=gmask[:, None] & dmask[None, :])
 
 
 @triton.jit
 def _decode_split_kernel(
-        Q, stride_qb, stride_qh, LEN, MEAN, HEAD_BITS, HEAD_SLOT,
+        Q, stride_qb, stride_qh, KN, VN, stride_knb, stride_knh, stride_vnb, stride_vnh,
+        LEN, MEAN, HEAD_BITS, HEAD_SLOT,
         KC4, KSC4, KZ4, VC4, VSC4, VZ4, KC2, KSC2, KZ2, VC2, VSC2, VZ2,
         KS1, VS1, KBUF, VBUF, PM, PL, PACC, fold,
         H, H4, H2, NBLK, NUM_SPLITS, tiles_per_split,
         G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, NB: tl.constexpr,
-        BLOCK_N: tl.constexpr, VG: tl.constexpr, NG: tl.constexpr, HAS_MEAN: tl.constexpr):
+        BLOCK_N: tl.constexpr, VG: tl.constexpr, NG: tl.constexpr, HAS_MEAN: tl.constexpr, APPEND: tl.constexpr):
     """Program (s, b * H + h): packed tiles of split s (s < NUM_SPLITS) or the buffer (s == NUM_SPLITS)
-    for the G query heads of KV head h, over lengths[b] + 1 tokens (the token just appended)."""
+    for the G query heads of KV head h, over lengths[b] + 1 tokens (the new token included).
+    APPEND: the buffer program also appends k_new / v_new (a step without a flush); without it they
+    were appended (and flushed) by the separate kernels."""
     tl.static_assert(NB % BLOCK_N == 0)
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -416,8 +405,11 @@ def _decode_split_kernel(
     part_row = ((b * H * G + hq) * num_parts + pid_s).to(tl.int64)
     if pid_s == NUM_SPLITS:
         _buffer_split(Q_rows, fold, KBUF + pid_bh.to(tl.int64) * NB * D, VBUF + pid_bh.to(tl.int64) * NB * D,
-                      MEAN + pid_bh.to(tl.int64) * D, length - full * NB, PM, PL, PACC, part_row, offs_g, gmask,
-                      D, DP, BLOCK_N, BLOCK_G, HAS_MEAN)
+                      MEAN + pid_bh.to(tl.int64) * D, length - full * NB,
+                      KN + b.to(tl.int64) * stride_knb + h.to(tl.int64) * stride_knh,
+                      VN + b.to(tl.int64) * stride_vnb + h.to(tl.int64) * stride_vnh,
+                      PM, PL, PACC, part_row, gmask, D, DP, BLOCK_N, BLOCK_G, HAS_MEAN, APPEND,
+                      KBUF.dtype.element_ty != tl.float16)
     else:
         tile_lo = pid_s * tiles_per_split
         tile_hi = tl.minimum(tile_lo + tiles_per_split, full * (NB // BLOCK_N))
@@ -428,43 +420,51 @@ def _decode_split_kernel(
         if bits == 4:
             pool_head = (b.to(tl.int64) * H4 + slot) * NBLK
             _packed_split(Q_rows, fold, KC4, KSC4, KZ4, VC4, VSC4, VZ4, KS1_bh, VS1_bh, pool_head, tile_lo, tile_hi,
-                          PM, PL, PACC, part_row, offs_g, gmask, D, NB, BLOCK_N, BLOCK_G, VG, NG, 4)
+                          PM, PL, PACC, part_row, gmask, D, NB, BLOCK_N, BLOCK_G, VG, NG, 4)
         else:
             pool_head = (b.to(tl.int64) * H2 + slot) * NBLK
             _packed_split(Q_rows, fold, KC2, KSC2, KZ2, VC2, VSC2, VZ2, KS1_bh, VS1_bh, pool_head, tile_lo, tile_hi,
-                          PM, PL, PACC, part_row, offs_g, gmask, D, NB, BLOCK_N, BLOCK_G, VG, NG, 2)
+                          PM, PL, PACC, part_row, gmask, D, NB, BLOCK_N, BLOCK_G, VG, NG, 2)
 
 
 @triton.jit
-def _decode_reduce_kernel(PM, PL, PACC, OUT, stride_ob, stride_oh, LEN, HQ, NUM_PARTS,
-                          D: tl.constexpr, DP: tl.constexpr, CHUNK: tl.constexpr, COMMIT: tl.constexpr):
-    """Program b * HQ + hq: combine the partials of all splits into o; COMMIT advances lengths[b]."""
+def _decode_reduce_kernel(PM, PL, PACC, OUT, stride_ob, stride_oh, LEN, H, NUM_PARTS,
+                          G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+                          CHUNK: tl.constexpr, COMMIT: tl.constexpr):
+    """Program b * H + h: combine the partials of every split into o for the G query heads of KV
+    head h ([G, CHUNK, D] per step); COMMIT advances lengths[b] (program h == 0)."""
     pid = tl.program_id(0)
-    b = pid // HQ
-    hq = pid % HQ
-    offs_d = tl.arange(0, DP)
-    dmask = offs_d < D
+    b = pid // H
+    h = pid % H
+    offs_g = tl.arange(0, BLOCK_G)
     offs_c = tl.arange(0, CHUNK)
-    m_run = tl.full([1], float("-inf"), dtype=tl.float32)
-    l_run = tl.zeros([1], dtype=tl.float32)
-    acc = tl.zeros([DP], dtype=tl.float32)
-    base = pid.to(tl.int64) * NUM_PARTS
+    offs_d = tl.arange(0, DP)
+    gmask = offs_g < G
+    dmask = offs_d < D
+    rows = (pid * G + offs_g).to(tl.int64) * NUM_PARTS  # partial rows of (b, h * G + g)
+    m_run = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_run = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, DP], dtype=tl.float32)
     for start in range(0, NUM_PARTS, CHUNK):
         parts = start + offs_c
-        pmask = parts < NUM_PARTS
-        m = tl.load(PM + base + parts, mask=pmask, other=float("-inf"))
-        l = tl.load(PL + base + parts, mask=pmask, other=0.0)
-        a = tl.load(PACC + (base + parts)[:, None] * D + offs_d[None, :], mask=pmask[:, None] & dmask[None, :], other=0.0)
-        m_new = tl.maximum(m_run, tl.max(m, axis=0))
+        pmask = gmask[:, None] & (parts < NUM_PARTS)[None, :]
+        idx = rows[:, None] + parts[None, :]
+        m = tl.load(PM + idx, mask=pmask, other=float("-inf"))
+        l = tl.load(PL + idx, mask=pmask, other=0.0)
+        a = tl.load(PACC + idx[:, :, None] * D + offs_d[None, None, :], mask=pmask[:, :, None] & dmask[None, None, :],
+                    other=0.0)
+        m_new = tl.maximum(m_run, tl.max(m, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        w = tl.exp2(m - m_safe)
+        w = tl.exp2(m - m_safe[:, None])
         r = tl.exp2(m_run - m_safe)
-        l_run = l_run * r + tl.sum(w * l, axis=0)
-        acc = acc * r + tl.sum(w[:, None] * a, axis=0)
+        l_run = l_run * r + tl.sum(w * l, axis=1)
+        acc = acc * r[:, None] + tl.sum(w[:, :, None] * a, axis=1)
         m_run = m_new
-    out = acc / tl.maximum(l_run, 1e-30)
-    out = tl.where(l_run > 0, out, 0.0)
-    tl.store(OUT + b.to(tl.int64) * stride_ob + hq.to(tl.int64) * stride_oh + offs_d, out.to(OUT.dtype.element_ty), mask=dmask)
+    out = acc / tl.maximum(l_run, 1e-30)[:, None]
+    out = tl.where((l_run > 0)[:, None], out, 0.0)
+    hq = h * G + offs_g
+    o_ptrs = OUT + b.to(tl.int64) * stride_ob + hq.to(tl.int64)[:, None] * stride_oh + offs_d[None, :]
+    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=gmask[:, None] & dmask[None, :])
     if COMMIT:
-        if hq == 0:
+        if h == 0:
             tl.store(LEN + b, tl.load(LEN + b) + 1)

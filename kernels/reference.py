@@ -521,21 +521,23 @@ def kv_smoothing_mean(k: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def kv_head_priority(k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+def kv_head_priority(k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, k_mean: torch.Tensor | None = None) -> torch.Tensor:
     """Priority of each KV head for bit assignment: head_priority(K) + head_priority(V), each
     divided by its mean over heads (so that K's outlier channels do not drown V's ranking), over
-    the valid tokens of every sequence. k may be the smoothed K. Returns fp32 [H] (zeros if no
-    token is valid). Computed one head at a time to bound the fp32 temporaries.
+    the valid tokens of every sequence; K minus k_mean [B, H, D] when given (the K the cache
+    quantizes). Returns fp32 [H] (zeros if no token is valid). Computed one head at a time to
+    bound the fp32 temporaries.
     """
     h = k.shape[1]
     lens = lengths.tolist()
     total = torch.zeros(h, dtype=torch.float32, device=k.device)
     if sum(lens) == 0:
         return total
-    for x in (k, v):
+    for x, shift in ((k, k_mean), (v, None)):
         pr = torch.empty(h, dtype=torch.float32, device=k.device)
         for j in range(h):
-            rows = torch.cat([x[i, j, :n] for i, n in enumerate(lens) if n > 0], dim=0)
+            rows = torch.cat([x[i, j, :n].float() - (0.0 if shift is None else shift[i, j].float())
+                              for i, n in enumerate(lens) if n > 0], dim=0)
             pr[j] = head_priority(rows[None, None])[0]
         mean = pr.mean()
         total += pr / mean if float(mean) > 0 else pr
@@ -582,14 +584,22 @@ def dequantize_kv_blocks(pool: PackedKV, bits: int, v_group: int) -> tuple[torch
 
 
 def quantize_kv_cache(k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, head_bits: torch.Tensor,
-                      block: int, v_group: int, smooth: bool, max_len: int | None = None) -> KVCacheContents:
+                      block: int, v_group: int, smooth: bool, max_len: int | None = None,
+                      k_mean: torch.Tensor | None = None) -> KVCacheContents:
     """What `TurboKVCache.prefill` stores, in plain torch: k, v [B, H, N, D]; lengths int [B];
-    head_bits [H] of 4/2. Pools hold max_len // block blocks (default N // block)."""
+    head_bits [H] of 4/2. Pools hold max_len // block blocks (default N // block). With smooth, K
+    is smoothed by k_mean [B, H, D] if given (a cache that decoded past its prompt keeps the
+    prompt's mean), else by the mean over each sequence's lengths[b] tokens."""
     b, h, n, d = k.shape
     max_len = n if max_len is None else max_len
     nblk = max_len // block
     lens = lengths.to(torch.int64).cpu()
-    mean = kv_smoothing_mean(k, lens).to(k.device) if smooth else torch.zeros(b, h, d, device=k.device)
+    if not smooth:
+        mean = torch.zeros(b, h, d, device=k.device)
+    elif k_mean is not None:
+        mean = k_mean.float().to(k.device)
+    else:
+        mean = kv_smoothing_mean(k, lens).to(k.device)
     bits_list = [int(x) for x in head_bits.tolist()]
     slot = torch.zeros(h, dtype=torch.int32)
     counts = {4: 0, 2: 0}
