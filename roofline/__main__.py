@@ -3,6 +3,8 @@
   python -m roofline predict --gpu h100 --model llama3-8b --n 4096 [--batch 4] [--kernel all]
   python -m roofline gpus
   python -m roofline models
+  python -m roofline validate --gpu h100 [--records PATH] [--out reports/roofline]
+      (model against measured timings; measuring them on a GPU: python -m roofline.validate measure)
 """
 
 from __future__ import annotations
@@ -57,8 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bit-mix", type=float, default=None)
     sub.add_parser("gpus", help="list the GPU table")
     sub.add_parser("models", help="list the model presets")
+    from .validate import add_validate_arguments, validate_command
+
+    add_validate_arguments(sub.add_parser("validate", help="predicted against measured timings: CSV, summary, charts"))
     args = parser.parse_args(argv)
     try:
+        if args.command == "validate":
+            return validate_command(args)
         if args.command == "predict":
             return _predict(args)
         if args.command == "gpus":

@@ -100,11 +100,19 @@ def draw_roofline(data: RooflineChartData, path) -> Path:
     for roof in data.roofs:
         style = "-" if roof.name == "memory" else "--"
         ax.plot(roof.x, roof.y, style, linewidth=1.5, label=roof.name)
-    for point in data.points:
-        if point.intensity > 0 and point.achieved_tops > 0:
-            ax.plot([point.intensity], [point.achieved_tops], "o")
-            ax.annotate(point.label, (point.intensity, point.achieved_tops), fontsize=7,
-                        textcoords="offset points", xytext=(4, 4))
+    # one colour and legend entry per group of points (their `bound` field), labels alternately
+    # above and below their point so that neighbours overlap less
+    shown = [p for p in data.points if p.intensity > 0 and p.achieved_tops > 0]
+    groups: dict = {}
+    for point in shown:
+        groups.setdefault(point.bound, []).append(point)
+    markers = "osD^v<>ph*"
+    for k, (group, members) in enumerate(groups.items()):
+        ax.plot([p.intensity for p in members], [p.achieved_tops for p in members], markers[k % len(markers)],
+                markersize=5, alpha=0.8, label=group or None)
+    for k, point in enumerate(p for p in shown if p.label):
+        ax.annotate(point.label, (point.intensity, point.achieved_tops), fontsize=7,
+                    textcoords="offset points", xytext=(4, 4 if k % 2 == 0 else -10))
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlim(*data.x_range)
