@@ -84,7 +84,8 @@ def build_document(config: KernelConfig, *, gpu: str, gpu_name: str, model: str,
         "prefill": prefill,
         "decode": decode,
         "quant": {k: values[k] for k in QUANT_KEYS},
-        "metrics": metrics,
+        # JSON has no NaN: a metric that does not apply (KV compression without decode) is null
+        "metrics": {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()},
     }
     validate_document(doc)
     return doc
@@ -101,7 +102,7 @@ def write_document(doc: dict, out: str | os.PathLike | None = None) -> pathlib.P
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=target.parent)
     try:
         with os.fdopen(fd, "w") as fh:
-            json.dump(doc, fh, indent=2, sort_keys=False)
+            json.dump(doc, fh, indent=2, sort_keys=False, allow_nan=False)
             fh.write("\n")
         os.replace(tmp, target)
     except BaseException:

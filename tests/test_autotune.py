@@ -209,3 +209,27 @@ def test_show_lists_installed(tmp_config_dir):
     export.write_document(_doc(), tmp_config_dir)
     out = run_cli("show", env={**__import__("os").environ})
     assert out.returncode == 0 and "h100-sxm" in out.stdout
+
+
+def test_efficiency_replay_on_a_planted_grid(tmp_path):
+    """Replay a recorded grid: the run stops at the first config within 97% of the best."""
+    from autotune import efficiency
+
+    path = tmp_path / "grid.csv"
+    import csv as _csv
+    with path.open("w", newline="") as fh:
+        w = _csv.DictWriter(fh, fieldnames=["block_m", "block_n", "num_warps", "num_stages", "ms_p50", "status"])
+        w.writeheader()
+        for bm in (32, 64, 128):
+            for bn in (32, 64, 128, 256):
+                for nw in (2, 4, 8):
+                    for ns in (1, 2, 3, 4):
+                        ms = 1.0 if (bm, bn, nw, ns) == (64, 128, 4, 3) else 2.0 + bm / 64 + ns / 10
+                        w.writerow({"block_m": bm, "block_n": bn, "num_warps": nw, "num_stages": ns,
+                                    "ms_p50": ms, "status": "ok"})
+    grid = efficiency.load_grid(path)
+    assert len(grid) == 144 and min(grid.values()) == 1.0
+    trials, gpu_trials = efficiency.replay(grid, seed=0, warm_start=False, max_trials=144)
+    assert 1 <= trials <= 144 and gpu_trials == trials
+    warm, warm_gpu = efficiency.replay(grid, seed=0, warm_start=True, max_trials=144)
+    assert warm_gpu <= warm
