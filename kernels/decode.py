@@ -23,7 +23,9 @@ Kernels:
       acc = acc * 2^(m - m_new) + s1v * p . (vcode * vscale + vzero)      (integer dequant in registers)
   Every fp32 operand of a tensor-core product (q' * kscale, p) is split hi + lo in fp16 (two
   products), so the kernel keeps ~fp32 accuracy; codes and dequantized INT8 values are exact in
-  fp16. Nothing dequantized is ever written to memory.
+  fp16. Nothing dequantized is ever written to memory. For D = 64 and 128 (a plane is a power of
+  two wide) the tile needs no masks and V's per-group scales are broadcast from a [BLOCK_N, NG]
+  tile; D = 80 and 96 gather them per element (much slower on the GPU: a known gap).
 - `_decode_reduce_kernel`: program per (sequence, KV head): o = sum_s 2^(m_s - M) acc_s /
   sum_s 2^(m_s - M) l_s for its G query heads; with COMMIT it also advances lengths[b] (so a
   decode step needs no host synchronisation).
@@ -95,8 +97,12 @@ def _stage1_int8(x, mask):
 
 @triton.jit
 def _lowbit(x, lo, scale, LEVELS: tl.constexpr):
-    """Stage 2: clamp(floor((x - lo + scale // 2) / scale), 0, LEVELS); all operands >= 0 (int32)."""
-    code = (x - lo + scale // 2) // scale
+    """Stage 2 (reference.quantize_lowbit_even): round((x - lo) / scale), ties to the even code,
+    clamped to [0, LEVELS]; int32, x - lo + scale // 2 >= 0 wherever the code is used."""
+    num = x - lo + scale // 2
+    code = num // scale
+    tie = ((scale & 1) == 0) & (num == code * scale) & ((code & 1) == 1)
+    code = code - tie.to(tl.int32)
     return tl.minimum(tl.maximum(code, 0), LEVELS)
 
 
@@ -267,11 +273,16 @@ def _packed_split(Q_rows, fold, KC, KSC, KZ, VC, VSC, VZ, KS1_bh, VS1_bh, pool_h
     MASK: tl.constexpr = (1 << BITS) - 1
     offs_c = tl.arange(0, C)
     offs_n = tl.arange(0, BLOCK_N)
-    word = offs_c % WP
+    # DIRECT (W == WP: D = 64, 128): column c is channel c, so no mask, and V's per-group scales
+    # expand from a [BLOCK_N, NG] tile by broadcast instead of a per-element gather.
+    DIRECT: tl.constexpr = W == WP
+    VGE: tl.constexpr = min(VG, C)
+    word = tl.max_contiguous(tl.multiple_of(offs_c % WP, WP), WP)  # bytes of a plane are contiguous
     cmask = word < W
     chan = (offs_c // WP) * W + word
     shift = (offs_c // WP) * BITS
     group = chan // VG
+    offs_grp = tl.arange(0, C // VGE)
     qf = tl.load(Q_rows[:, None] + chan[None, :], mask=gmask[:, None] & cmask[None, :], other=0.0).to(tl.float32) * fold
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
@@ -286,7 +297,10 @@ def _packed_split(Q_rows, fold, KC, KSC, KZ, VC, VSC, VZ, KS1_bh, VS1_bh, pool_h
         qs = qf * ksc[None, :]
         qs_hi = qs.to(tl.float16)
         qs_lo = (qs - qs_hi.to(tl.float32)).to(tl.float16)
-        kbytes = tl.load(KC + row0 * W + (offs_n[None, :] * W + word[:, None]), mask=cmask[:, None], other=0)  # [C, BLOCK_N]
+        if DIRECT:
+            kbytes = tl.load(KC + row0 * W + (offs_n[None, :] * W + word[:, None]))  # [C, BLOCK_N]
+        else:
+            kbytes = tl.load(KC + row0 * W + (offs_n[None, :] * W + word[:, None]), mask=cmask[:, None], other=0)
         kcode = ((kbytes >> shift[:, None]) & MASK).to(tl.int16)
         k16 = (kcode | F16_MAGIC_CODE).to(tl.float16, bitcast=True) - 1024.0  # exact, no I2F
         dots = tl.dot(qs_hi, k16, out_dtype=tl.float32) + tl.dot(qs_lo, k16, out_dtype=tl.float32)
@@ -298,11 +312,19 @@ def _packed_split(Q_rows, fold, KC, KSC, KZ, VC, VSC, VZ, KS1_bh, VS1_bh, pool_h
         p_hi = p.to(tl.float16)
         p_lo = (p - p_hi.to(tl.float32)).to(tl.float16)
         # values: v = s1v * (code * scale + zero), integer dequant in registers, exact in fp16
-        vbytes = tl.load(VC + row0 * W + (offs_n[:, None] * W + word[None, :]), mask=cmask[None, :], other=0)  # [BLOCK_N, C]
+        if DIRECT:
+            vbytes = tl.load(VC + row0 * W + (offs_n[:, None] * W + word[None, :]))  # [BLOCK_N, C]
+            g_off = offs_n[:, None] * NG + offs_grp[None, :]  # [BLOCK_N, NG], NG = C // VGE here
+            vsc = tl.load(VSC + row0 * NG + g_off).to(tl.int32)
+            vz = tl.load(VZ + row0 * NG + g_off).to(tl.int32)
+            vsc = tl.reshape(tl.broadcast_to(vsc[:, :, None], (BLOCK_N, C // VGE, VGE)), (BLOCK_N, C))
+            vz = tl.reshape(tl.broadcast_to(vz[:, :, None], (BLOCK_N, C // VGE, VGE)), (BLOCK_N, C))
+        else:
+            vbytes = tl.load(VC + row0 * W + (offs_n[:, None] * W + word[None, :]), mask=cmask[None, :], other=0)
+            g_off = offs_n[:, None] * NG + group[None, :]
+            vsc = tl.load(VSC + row0 * NG + g_off, mask=cmask[None, :], other=0).to(tl.int32)
+            vz = tl.load(VZ + row0 * NG + g_off, mask=cmask[None, :], other=0).to(tl.int32)
         vcode = (vbytes >> shift[None, :]) & MASK
-        g_off = offs_n[:, None] * NG + group[None, :]
-        vsc = tl.load(VSC + row0 * NG + g_off, mask=cmask[None, :], other=0).to(tl.int32)
-        vz = tl.load(VZ + row0 * NG + g_off, mask=cmask[None, :], other=0).to(tl.int32)
         v16 = ((vcode * vsc + (vz + F16_MAGIC_INT)).to(tl.int16)).to(tl.float16, bitcast=True) - 1536.0
         pv = tl.dot(p_hi, v16, out_dtype=tl.float32) + tl.dot(p_lo, v16, out_dtype=tl.float32)
         acc = acc * alpha[:, None] + pv * tl.load(VS1_bh + blk)
