@@ -24,6 +24,10 @@ kernels.turbo_attention and kernels.TurboKVCache load at run time, and a report 
 Modes: live times each trial on the local GPU (CUDA events, medians, L2 flushed); predict uses
 the roofline model (no GPU needed); auto picks live when the named GPU is the one present.
 Interrupt at any time: rerunning the same command resumes the same study.
+
+Several GPUs or hosts: --workers N / --devices 0,1,... start one worker process per GPU on one study
+(a journal file on one host by default); with --storage postgresql://... every host can run the same
+command, and a trial whose worker dies is failed by its heartbeat and retried.
 """
 
 SUBCOMMANDS = {
@@ -64,7 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-export", action="store_true", help="do not write the JSON")
     p.add_argument("--no-report", action="store_true", help="do not write the report")
     p.add_argument("--heartbeat", type=int, default=None,
-                   help="seconds between worker heartbeats (RDB storages): a dead worker's trial is failed and retried")
+                   help="seconds between trial heartbeats: a trial whose worker died is failed after twice that and "
+                   "retried (default: 30 with several workers or a postgresql/journal storage, else off)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="worker processes on one study: one per local GPU in live mode (GPUs 0..N-1), plain "
+                   "processes in predict mode; --trials is shared between them (default 1: this process)")
+    p.add_argument("--devices", help="CUDA devices, one worker each, e.g. 0,1,2,3 (CUDA_VISIBLE_DEVICES per worker)")
     return p
 
 
@@ -126,23 +135,49 @@ def choose_mode(requested: str, gpu_key: str, detected: str | None) -> tuple[str
         ": times come from the roofline model"
 
 
-def tune(args) -> int:
+def build_objective(args, gpu, model, mode, workload, telemetry_index: int = 0):
+    """The Objective for these arguments (the tuner and each worker process); ValueError on a bad --calibration."""
     from .objective import (DEFAULT_KV_ERROR_BUDGET, DEFAULT_PREFILL_ERROR_BUDGET, AccuracyEvaluator, LiveTimer,
-                            Objective, PredictTimer, calibration_inputs, workload_from_spec)
-    from .study import StorageError, default_storage, open_storage, open_study, warm_start
+                            Objective, PredictTimer, calibration_inputs)
+
+    timer = LiveTimer(gpu.key, args.seed) if mode == "live" else PredictTimer(gpu.key)
+    try:
+        inputs = calibration_inputs(args.calibration) if args.calibration else None
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"--calibration: {exc}") from None
+    telemetry = None
+    if mode == "live":
+        from .telemetry import Telemetry
+
+        telemetry = Telemetry.open(telemetry_index)
+    return Objective(workload, timer, AccuracyEvaluator(workload, inputs, args.seed),
+                     args.error_budget if args.error_budget is not None else DEFAULT_PREFILL_ERROR_BUDGET,
+                     args.kv_error_budget if args.kv_error_budget is not None else DEFAULT_KV_ERROR_BUDGET,
+                     args.objective, telemetry)
+
+
+def tune(args) -> int:
+    from .objective import workload_from_spec
+    from .study import StorageError, claim_warm_start, default_storage, open_storage, open_study, warm_start
+    from .workers import DEFAULT_HEARTBEAT_S, is_shared_storage, plan_devices
 
     if args.trials < 0:
         return fail(f"--trials must be >= 0, got {args.trials}")
+    if args.heartbeat is not None and args.heartbeat < 1:
+        return fail(f"--heartbeat must be >= 1 second, got {args.heartbeat}")
     try:
         gpu, model, detected = resolve_target(args)
         mode, why = choose_mode(args.mode, gpu.key, detected)
         workload = workload_from_spec(model, args.workload)
+        devices = plan_devices(args.workers, args.devices, mode, _cuda_count() if mode == "live" else 0)
     except ValueError as exc:
         return fail(str(exc))
-    storage_url = args.storage or default_storage(gpu.key, model.key)
+    # several writers: never the SQLite default (unsafe with parallel writers), a journal file instead
+    storage_url = args.storage or default_storage(gpu.key, model.key, journal=devices is not None)
     study_name = args.study_name or f"{gpu.key}-{model.key}-{args.objective}"
+    heartbeat = args.heartbeat or (DEFAULT_HEARTBEAT_S if devices is not None or is_shared_storage(storage_url) else None)
     try:
-        storage = open_storage(storage_url, args.heartbeat)
+        storage = open_storage(storage_url, heartbeat)
         study = open_study(storage, study_name, args.objective, args.seed)
     except StorageError as exc:
         return fail(str(exc))
@@ -153,38 +188,49 @@ def tune(args) -> int:
     resumed = len(study.trials)
     print(f"  study {study_name} in {mask_url(storage_url)}" + (f" (resuming: {resumed} trials so far)" if resumed else ""))
 
-    timer = LiveTimer(gpu.key, args.seed) if mode == "live" else PredictTimer(gpu.key)
     try:
-        inputs = calibration_inputs(args.calibration) if args.calibration else None
-    except (OSError, ValueError, KeyError) as exc:
-        return fail(f"--calibration: {exc}")
-    telemetry = None
-    if mode == "live":
-        from .telemetry import Telemetry
-
-        telemetry = Telemetry.open()
-    objective = Objective(workload, timer, AccuracyEvaluator(workload, inputs, args.seed),
-                          args.error_budget if args.error_budget is not None else DEFAULT_PREFILL_ERROR_BUDGET,
-                          args.kv_error_budget if args.kv_error_budget is not None else DEFAULT_KV_ERROR_BUDGET,
-                          args.objective, telemetry)
+        objective = build_objective(args, gpu, model, mode, workload)
+    except ValueError as exc:
+        return fail(str(exc))
     study.set_user_attr("gpu", gpu.key)
     study.set_user_attr("model", model.key)
     study.set_user_attr("mode", mode)
     study.set_user_attr("workload", [list(p) for p in workload.points])
     study.set_user_attr("geometry", {"num_q_heads": model.num_q_heads, "num_kv_heads": model.num_kv_heads,
                                      "head_dim": model.head_dim})
-    if not resumed:
+    if not resumed and claim_warm_start(storage, study_name):  # once per study, whoever starts first
         from kernels.loader import documents
 
         others = [(p, d) for p, d in documents() if d["model"] == model.key and d["gpu"] != gpu.key]
         enq = warm_start(study, objective, gpu.key, args.seed, others)
         print(f"  warm start: {len(enq)} configs enqueued ({'; '.join(enq[:3])}{'; ...' if len(enq) > 3 else ''})")
-    if args.trials:
+    if args.trials and devices is not None:
+        from .workers import run_workers, summarize
+
+        where = ", ".join(f"gpu {d}" for d in devices) if mode == "live" or devices[0] is not None else "CPU"
+        print(f"  {len(devices)} workers ({where}); heartbeat every {heartbeat} s: a dead worker's trial is failed "
+              f"after {2 * heartbeat} s and retried")
+        problem = run_workers(args, devices, study=study, storage=storage, storage_url=storage_url,
+                              study_name=study_name, mode=mode, heartbeat=heartbeat, grace=2 * heartbeat)
+        print(f"  workers done: {summarize(study, resumed)}")
+        if problem:
+            return fail(problem)
+        if mode == "live" and devices[0] is not None and devices[0].isdigit():
+            import torch
+
+            torch.cuda.set_device(int(devices[0]))  # the default-config and SDPA rows: on a GPU that tuned
+    elif args.trials:
         from .study import Progress
 
         study.optimize(objective, n_trials=args.trials, timeout=args.timeout, callbacks=[Progress(args.trials)],
                        gc_after_trial=mode == "live")
     return finish(args, study, objective, gpu, model, mode, storage_url, study_name)
+
+
+def _cuda_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def finish(args, study, objective, gpu, model, mode, storage_url, study_name) -> int:

@@ -25,22 +25,39 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 STUDIES_DIR = ROOT / "studies"
 WARM_START_SAMPLES = 400  # random configs scored by the roofline model for the warm start
 WARM_START_TOP = 4
+MAX_RETRY = 3  # a trial whose worker died is retried this many times (optuna's RetryHeartbeatStaleTrialCallback)
 
 
 class StorageError(ValueError):
     """A storage URL that cannot be used (one line, password masked)."""
 
 
-def default_storage(gpu: str, model: str) -> str:
+def default_storage(gpu: str, model: str, journal: bool = False) -> str:
+    """studies/<gpu>-<model>.db for one process; .journal (Optuna's journal file) for several workers."""
     STUDIES_DIR.mkdir(parents=True, exist_ok=True)
+    if journal:
+        return f"journal:{STUDIES_DIR / f'{gpu}-{model}.journal'}"
     return f"sqlite:///{STUDIES_DIR / f'{gpu}-{model}.db'}"
 
 
 def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: int | None = None):
-    """An Optuna storage for `url`; raises StorageError with a one-line reason."""
-    import optuna
-    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+    """An Optuna storage for `url`; raises StorageError with a one-line reason.
 
+    With a heartbeat, a RUNNING trial whose process stopped beating for `grace_period` (default
+    2 x heartbeat) is failed and retried (MAX_RETRY times) by the next worker that starts a trial.
+    """
+    import warnings
+
+    import optuna
+    from optuna.storages import RDBStorage
+
+    retry = None
+    if heartbeat_interval:
+        with warnings.catch_warnings():  # experimental in Optuna; renamed in 4.9
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            retry_cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or \
+                optuna.storages.RetryFailedTrialCallback
+            retry = retry_cls(max_retry=MAX_RETRY)
     if url.startswith("journal:"):
         from optuna.storages import JournalStorage
         from optuna.storages.journal import JournalFileBackend
@@ -48,7 +65,16 @@ def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
         path = pathlib.Path(url[len("journal:"):]).expanduser()
         if not path.parent.exists():
             raise StorageError(f"--storage: folder {path.parent} does not exist")
-        return JournalStorage(JournalFileBackend(str(path)))
+        try:
+            backend = JournalFileBackend(str(path))
+            if heartbeat_interval:  # Optuna 5's JournalStorage has no heartbeat of its own
+                from .workers import HeartbeatJournalStorage
+
+                return HeartbeatJournalStorage(backend, heartbeat_interval, grace_period or 2 * heartbeat_interval,
+                                               retry)
+            return JournalStorage(backend)
+        except (OSError, ValueError) as exc:
+            raise StorageError(f"--storage: cannot open {path}: {exc}") from None
     scheme = url.split(":", 1)[0]
     if scheme.split("+")[0] not in ("sqlite", "postgresql", "mysql"):
         raise StorageError(f"--storage: unsupported URL {mask_url(url)!r}; use sqlite:///FILE, "
@@ -60,19 +86,45 @@ def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
         callback = "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in \
             inspect.signature(RDBStorage).parameters else "failed_trial_callback"
         kwargs.update(heartbeat_interval=heartbeat_interval, grace_period=grace_period or 2 * heartbeat_interval,
-                      **{callback: RetryFailedTrialCallback(max_retry=3)})
+                      **{callback: retry})
     if scheme == "postgresql":
         url = "postgresql+" + _postgres_driver() + url[len("postgresql"):]
     if scheme.startswith("postgresql"):
         kwargs["engine_kwargs"] = {"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}}
     try:
-        return RDBStorage(url, **kwargs)
+        return _rdb_storage(url, kwargs)
     except ImportError as exc:
         raise StorageError(f"--storage: {mask_url(url)}: a driver is missing ({exc}); "
                            "for PostgreSQL install the extra: pip install -e '.[postgres]'") from None
     except Exception as exc:  # connection refused, bad credentials, unknown database, bad path
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise StorageError(f"--storage: cannot open {mask_url(url)}: {mask_url(first)[:200]}") from None
+
+
+def _rdb_storage(url: str, kwargs: dict, attempts: int = 6):
+    """RDBStorage(url), retried while another process creates the same tables: workers on several
+    hosts starting on an empty database all run Optuna's CREATE TABLE / version insert, and the
+    losers get a unique-key or duplicate-table error (connection errors are not retried)."""
+    import random
+    import warnings
+
+    import optuna
+    from optuna.storages import RDBStorage
+    from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+
+    for attempt in range(attempts):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat_interval
+                return RDBStorage(url, **kwargs)
+        except (IntegrityError, ProgrammingError, OperationalError) as exc:
+            orig = getattr(exc, "orig", None)
+            sqlstate = str(getattr(orig, "pgcode", None) or getattr(orig, "sqlstate", None) or "")
+            racing = not isinstance(exc, OperationalError) or sqlstate.startswith("40")  # 40P01: deadlock
+            if not racing or attempt == attempts - 1:
+                raise
+            time.sleep(0.2 + random.random() * 0.3 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def _postgres_driver() -> str:
@@ -110,6 +162,25 @@ def open_study(storage, name: str, objective: str, seed: int | None):
                                    directions=directions, load_if_exists=True)
     except ValueError as exc:  # e.g. an existing study with other directions
         raise StorageError(f"--study-name {name}: {exc}") from None
+
+
+def claim_warm_start(storage, study_name: str) -> bool:
+    """True for exactly one caller per study: the one that enqueues the warm start.
+
+    Workers on several hosts may start together on a new study; enqueue_trial(skip_if_exists=True)
+    reads, then writes, so both could enqueue (Optuna says so), and Optuna's storage API has no
+    set-if-absent for an attribute. Creating a study is atomic in every backend (a unique name in
+    the database, log order in a journal), so the claim is an empty marker study named after this
+    study's id (a study deleted and created again under the same name gets a new id).
+    """
+    import optuna
+
+    marker = f"{study_name}.warm-start.{storage.get_study_id_from_name(study_name)}"
+    try:
+        storage.create_new_study([optuna.study.StudyDirection.MINIMIZE], marker)
+    except optuna.exceptions.DuplicatedStudyError:
+        return False
+    return True
 
 
 def warm_start(study, objective: Objective, gpu: str, seed: int | None, other_docs=()) -> list[str]:
