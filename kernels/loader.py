@@ -48,12 +48,34 @@ def _say_once(message: str, warn: bool) -> None:
         _log.info(message)
 
 
-def heuristic_config(head_dim: int | None = None, seq_len: int | None = None) -> KernelConfig:
+SMALL_SMEM_BYTES = 160 * 1024  # below this per-block shared memory, 3 stages of 128-token K/V tiles do not fit
+
+
+def _smem_per_block() -> int | None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            props = torch.cuda.get_device_properties(torch.cuda.current_device())
+            return int(getattr(props, "shared_memory_per_block_optin", 0) or 0) or None
+    except Exception:
+        pass
+    return None
+
+
+def heuristic_config(head_dim: int | None = None, seq_len: int | None = None,
+                     smem_per_block: int | None = None) -> KernelConfig:
     """The documented default: KernelConfig() (Br=64, Bc=128, 4 warps, 3 stages: best measured on an
-    H100 for N >= 4096); short sequences (N <= 64) take Br=32 so fewer rows are padding."""
+    H100 for N >= 4096); short sequences (N <= 64) take Br=32 so fewer rows are padding; GPUs
+    with less than 160 KB of shared memory per block (L4, A10G, RTX 4090/3090: 99-100 KB) take 2
+    stages, which fit. smem_per_block None = read it from the local GPU (if any)."""
+    smem = smem_per_block if smem_per_block is not None else _smem_per_block()
+    config = KernelConfig()
     if seq_len is not None and seq_len <= 64:
-        return KernelConfig(block_m=32, block_n=64)
-    return KernelConfig()
+        config = config.replace(block_m=32, block_n=64)
+    if smem is not None and smem < SMALL_SMEM_BYTES:
+        config = config.replace(num_stages=2)
+    return config
 
 
 def validate_document(doc: Any) -> None:

@@ -233,3 +233,13 @@ def test_efficiency_replay_on_a_planted_grid(tmp_path):
     assert 1 <= trials <= 144 and gpu_trials == trials
     warm, warm_gpu = efficiency.replay(grid, seed=0, warm_start=True, max_trials=144)
     assert warm_gpu <= warm
+
+
+def test_heuristic_fits_small_shared_memory_gpus():
+    from roofline import check_feasible
+
+    big = loader.heuristic_config(128, 4096, smem_per_block=227 * 1024)
+    small = loader.heuristic_config(128, 4096, smem_per_block=99 * 1024)
+    assert big == KernelConfig() and small.num_stages == 2
+    assert check_feasible("prefill", small, "l4", 128)[0]
+    assert loader.heuristic_config(64, 17, smem_per_block=227 * 1024).block_m == 32
