@@ -274,18 +274,18 @@ def synthetic_inputs(workload: Workload, seed: int = 0, tokens: int = ACCURACY_T
 
 
 def calibration_inputs(path: str, tokens: int = ACCURACY_TOKENS, max_layers: int = 4) -> list[AccuracyInputs]:
-    """Captured activations (autotune capture): up to `max_layers` layers, the first `tokens` tokens."""
+    """Captured activations (`python -m autotune capture`): up to `max_layers` samples spread over the
+    file's layers, the first `tokens` tokens of each (real outlier channels and attention sinks)."""
     from .capture import load_calibration
 
-    data = load_calibration(path)
-    samples = data["samples"] if isinstance(data, Mapping) and "samples" in data else data
+    samples = load_calibration(path)
+    if not samples:
+        raise ValueError(f"{path} holds no samples")
+    step = max(1, len(samples) // max_layers)
     out = []
-    for sample in list(samples)[:max_layers]:
-        q, k, v = sample["q"], sample["k"], sample["v"]
-        out.append(AccuracyInputs(q[:1, :, :tokens].float(), k[:1, :, :tokens].float(), v[:1, :, :tokens].float(),
-                                  sample.get("sm_scale"), str(path)))
-    if not out:
-        raise ValueError(f"--calibration: {path} holds no samples")
+    for sample in samples[::step][:max_layers]:
+        out.append(AccuracyInputs(sample.q[:1, :, :tokens].float(), sample.k[:1, :, :tokens].float(),
+                                  sample.v[:1, :, :tokens].float(), float(sample.sm_scale), str(path)))
     return out
 
 

@@ -243,3 +243,23 @@ def test_heuristic_fits_small_shared_memory_gpus():
     assert big == KernelConfig() and small.num_stages == 2
     assert check_feasible("prefill", small, "l4", 128)[0]
     assert loader.heuristic_config(64, 17, smem_per_block=227 * 1024).block_m == 32
+
+
+def test_calibration_file_feeds_the_accuracy_objective(tmp_path):
+    """A file in `autotune capture`'s format (written here with synthetic tensors) drives --calibration."""
+    import torch
+
+    from autotune import capture
+    from kernels import reference
+
+    samples = []
+    for layer in range(6):
+        q, k, v = reference.outlier_qkv(1, 9, 3, 300, 64, dtype=torch.float16, seed=layer)
+        samples.append({"layer": layer, "prompt": 0, "q": q, "k": k, "v": v, "sm_scale": 0.125, "causal": True})
+    path = tmp_path / "calib.pt"
+    torch.save({"format": capture.FORMAT, "version": capture.VERSION, "model": "synthetic", "samples": samples}, path)
+    inputs = O.calibration_inputs(str(path), tokens=128, max_layers=3)
+    assert len(inputs) == 3 and inputs[0].q.shape == (1, 9, 128, 64) and inputs[0].sm_scale == 0.125
+    wl = O.workload_from_spec("smollm2-135m", "prefill=1024")
+    acc = O.AccuracyEvaluator(wl, inputs)(KernelConfig())
+    assert 0 < acc.prefill_error < 1e-2
