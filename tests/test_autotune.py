@@ -263,3 +263,18 @@ def test_calibration_file_feeds_the_accuracy_objective(tmp_path):
     wl = O.workload_from_spec("smollm2-135m", "prefill=1024")
     acc = O.AccuracyEvaluator(wl, inputs)(KernelConfig())
     assert 0 < acc.prefill_error < 1e-2
+
+
+def test_cli_pareto_objective(tmp_path):
+    """--objective pareto: a 3-objective study (latency, error, KV bytes); the export takes the fastest feasible."""
+    db = tmp_path / "p.db"
+    out = run_cli("--gpu", "h100", "--model", "llama3-8b", "--objective", "pareto", "--trials", "8",
+                  "--storage", f"sqlite:///{db}", "--workload", "prefill=1024;decode=4096x1",
+                  "--out", str(tmp_path / "cfg.json"), "--report-dir", str(tmp_path / "rep"))
+    assert out.returncode == 0, out.stderr
+    study = optuna.load_study(study_name="h100-sxm-llama3-8b-pareto", storage=f"sqlite:///{db}")
+    assert len(study.directions) == 3 and len(study.trials) == 8
+    doc = json.loads((tmp_path / "cfg.json").read_text())
+    best = export.best_trial(study)
+    assert doc["study"]["best_trial"] == best.number
+    assert (tmp_path / "rep" / "index.html").exists()
