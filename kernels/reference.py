@@ -305,23 +305,33 @@ def _check_bits(bits) -> None:
         raise ValueError(f"bits must be 2 or 4, got {bits!r}")
 
 
-def quantize_lowbit(x_int8: torch.Tensor, bits: int, dim: int = -1) -> LowBit:
+def quantize_lowbit(x_int8: torch.Tensor, bits: int, dim: int = -1, ties: str = "even") -> LowBit:
     """BPQ stage 2: INT8 codes to asymmetric `bits`-bit codes, one group per slice along `dim`.
 
     scale = max(1, ceil((max - min) / (2^bits - 1))), zero = min, both integers, and
-    code = clamp(floor((x - zero + scale // 2) / scale), 0, 2^bits - 1), so that dequantizing,
-    code * scale + zero, is integer arithmetic and within scale/2 (+1 at the clamp) of x.
+    code = round((x - zero) / scale), so that dequantizing, code * scale + zero, is integer
+    arithmetic and within scale/2 of x. ties "even" rounds a tie (even scale, x - zero =
+    c * scale + scale / 2) to the even code, "up" rounds it up: with "up" the error has mean +1/2
+    on the INT8 grid, a bias that long flat contexts do not average away (4-bit cache cosine 0.79
+    instead of 0.99 at 32k tokens), so the cache uses "even".
     K groups are channels over a block of tokens (dim = token axis); V groups are channel
     groups of one token (dim = channel axis, after reshaping to [..., groups, group_size]).
     """
     check_tensor("x_int8", x_int8, dtypes=(torch.int8,))
     _check_bits(bits)
+    if ties not in ("even", "up"):
+        raise ValueError(f"ties must be 'even' or 'up', got {ties!r}")
     levels = (1 << bits) - 1
     x = x_int8.to(torch.int32)
     lo = x.amin(dim=dim, keepdim=True)
     hi = x.amax(dim=dim, keepdim=True)
     scale = torch.clamp(-torch.div(-(hi - lo), levels, rounding_mode="floor"), min=1)  # ceil division
-    codes = torch.div(x - lo + scale // 2, scale, rounding_mode="floor").clamp(0, levels)
+    num = x - lo + scale // 2
+    codes = torch.div(num, scale, rounding_mode="floor")
+    if ties == "even":
+        tie = (scale % 2 == 0) & (num == codes * scale) & (codes % 2 == 1)
+        codes = codes - tie.to(torch.int32)
+    codes = codes.clamp(0, levels)
     return LowBit(codes.to(torch.uint8), scale.to(torch.int16), lo.to(torch.int16))
 
 
@@ -510,27 +520,8 @@ def unpack_lowbit_planar(packed: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def quantize_lowbit_even(x_int8: torch.Tensor, bits: int, dim: int = -1) -> LowBit:
-    """`quantize_lowbit` with ties rounded to the even code instead of up: the same integer scale,
-    zero point and dequantization (code * scale + zero), without a bias.
-
-    With an even scale, x - zero = c * scale + scale / 2 is a tie, and `quantize_lowbit` rounds
-    every tie up: its error has mean +1/2 on the INT8 grid. Attention over a long, flat context
-    averages the per-token errors away but not that bias: at 32k tokens the 4-bit cache's cosine
-    against exact attention fell to 0.79 (random inputs with mild key outliers), and with ties
-    to even it is 0.99. The cache uses this one.
-    """
-    check_tensor("x_int8", x_int8, dtypes=(torch.int8,))
-    _check_bits(bits)
-    levels = (1 << bits) - 1
-    x = x_int8.to(torch.int32)
-    lo = x.amin(dim=dim, keepdim=True)
-    hi = x.amax(dim=dim, keepdim=True)
-    scale = torch.clamp(-torch.div(-(hi - lo), levels, rounding_mode="floor"), min=1)  # ceil division
-    num = x - lo + scale // 2
-    codes = torch.div(num, scale, rounding_mode="floor")
-    tie = (scale % 2 == 0) & (num == codes * scale) & (codes % 2 == 1)
-    codes = (codes - tie.to(torch.int32)).clamp(0, levels)
-    return LowBit(codes.to(torch.uint8), scale.to(torch.int16), lo.to(torch.int16))
+    """`quantize_lowbit` with ties to even (the cache's rounding; kept as a name for its callers)."""
+    return quantize_lowbit(x_int8, bits, dim, ties="even")
 
 
 def kv_smoothing_mean(k: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

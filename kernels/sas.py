@@ -1,8 +1,9 @@
 """Triton helpers for SAS (the paper's Sparse Activated Softmax) and cheap numeric conversions.
 
-`sas_exp2(x)`: 2^x for x <= 0 as LUT[n] * poly3(f) with -x = n + f. The LUT of 2^-n is built
-from exponent bits ((127 - n) << 23 reinterpreted as fp32), so it costs two integer ops and no
-memory; poly3 runs on the FMA pipe, leaving the special-function unit (which exp2 uses) free.
+`sas_exp2_times_127(x)`: 127 * 2^x for x <= 0 as LUT[n] * poly3(f) with -x = n + f (the reference's
+`sas_exp2` times P's INT8 scale). The LUT of 2^-n is built from exponent bits ((134 - n) << 23
+reinterpreted as fp32), so it costs two integer ops and no memory; poly3 runs on the FMA pipe,
+leaving the special-function unit (which exp2 uses) free.
 
 `int_to_float_exact(i)`: int32 -> fp32 for |i| < 2^22 without an I2F conversion instruction:
 adding the integer to the bits of 1.5 * 2^23 lands it in the mantissa, and one fp32 subtraction
@@ -17,10 +18,6 @@ import triton.language as tl
 
 from .reference import SAS_POLY_COEFFS
 
-SAS_C0 = tl.constexpr(SAS_POLY_COEFFS[0])
-SAS_C1 = tl.constexpr(SAS_POLY_COEFFS[1])
-SAS_C2 = tl.constexpr(SAS_POLY_COEFFS[2])
-SAS_C3 = tl.constexpr(SAS_POLY_COEFFS[3])
 MAGIC_F = tl.constexpr(12582912.0)  # 1.5 * 2^23
 MAGIC_I = tl.constexpr(0x4B400000)  # its bits
 
@@ -31,17 +28,6 @@ SAS127_C0 = tl.constexpr(SAS_POLY_COEFFS[0] * 127.0 / 128.0)
 SAS127_C1 = tl.constexpr(SAS_POLY_COEFFS[1] * 127.0 / 128.0)
 SAS127_C2 = tl.constexpr(SAS_POLY_COEFFS[2] * 127.0 / 128.0)
 SAS127_C3 = tl.constexpr(SAS_POLY_COEFFS[3] * 127.0 / 128.0)
-
-
-@triton.jit
-def sas_exp2(x):
-    """2^x for x <= 0 (or -inf): exact power of two from exponent bits times a degree-3 polynomial."""
-    neg = tl.minimum(-x, 127.0)
-    n = tl.floor(neg)
-    f = neg - n
-    poly = ((SAS_C3 * f + SAS_C2) * f + SAS_C1) * f + SAS_C0
-    pow2 = ((127 - n.to(tl.int32)) << 23).to(tl.float32, bitcast=True)
-    return pow2 * poly
 
 
 @triton.jit

@@ -265,3 +265,19 @@ def test_attention_error_metrics():
     assert e.cosine == pytest.approx(1.0) and e.rel_l1 == 0.0 and e.sqnr_db > 200
     noisy = ref + 0.1 * ref.norm() / math.sqrt(100) * torch.randn(100, generator=torch.Generator().manual_seed(0))
     assert 15 < R.attention_error(noisy, ref).sqnr_db < 25
+
+
+def test_lowbit_ties_to_even_remove_the_rounding_bias():
+    """Values on ties (x - zero = c * scale + scale / 2): 'up' is biased by +scale/2 on average, 'even' is not."""
+    # range 240 at 4 bits -> scale 16 (even); ties at -120 + 16 c + 8
+    vals = torch.tensor([-120, 120] + [-120 + 16 * c + 8 for c in range(14)], dtype=torch.int32)
+    grid = vals.to(torch.int8)[None, :]
+    up = R.quantize_lowbit(grid, 4, dim=-1, ties="up")
+    even = R.quantize_lowbit(grid, 4, dim=-1, ties="even")
+    assert int(up.scale) == 16 and torch.equal(up.zero, even.zero)
+    err_up = (R.dequantize_lowbit(up.codes, up.scale, up.zero) - vals).float()[0, 2:]
+    err_even = (R.dequantize_lowbit(even.codes, even.scale, even.zero) - vals).float()[0, 2:]
+    assert err_up.abs().max() <= 8 and err_even.abs().max() <= 8
+    assert float(err_up.mean()) == 8.0 and float(err_even.mean()) == 0.0
+    with pytest.raises(ValueError, match="ties"):
+        R.quantize_lowbit(grid, 4, ties="down")
