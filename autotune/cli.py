@@ -198,6 +198,11 @@ def tune(args) -> int:
     study.set_user_attr("workload", [list(p) for p in workload.points])
     study.set_user_attr("geometry", {"num_q_heads": model.num_q_heads, "num_kv_heads": model.num_kv_heads,
                                      "head_dim": model.head_dim})
+    if objective.telemetry is not None:
+        try:  # GPU identity (name, driver, max SM clock) from NVML, for the report's provenance
+            study.set_user_attr("nvml", objective.telemetry.identity())
+        except Exception:
+            pass
     if not resumed and claim_warm_start(storage, study_name):  # once per study, whoever starts first
         from kernels.loader import documents
 
