@@ -167,10 +167,8 @@ def _fits(b, hq, hkv, ctx, d, config) -> tuple[bool, float]:
 def bench_decode(models, ctxs, batches, bit_mixes, out_dir: pathlib.Path, base_config=None, seed: int = 0) -> list[dict]:
     import torch
     import triton
-    from torch.nn.attention import SDPBackend
 
-    from kernels import KernelConfig, reference
-    from kernels.cache import TurboKVCache
+    from kernels import KernelConfig
 
     if not torch.cuda.is_available():
         raise SystemExit("bench decode needs a CUDA GPU: it measures time on the device (no CPU or predicted mode)")
@@ -191,17 +189,27 @@ def bench_decode(models, ctxs, batches, bit_mixes, out_dir: pathlib.Path, base_c
                 if not ok:
                     print(f"{model:11s} ctx={ctx:6d} B={b:2d}: skipped (needs ~{need_gib:.0f} GiB)")
                     continue
-                rows += _bench_point(model, hq, hkv, d, ctx, b, bit_mixes, base_config, copy_gbps, meta, seed,
-                                     reference, TurboKVCache, SDPBackend)
+                rows += _bench_point(model, hq, hkv, d, ctx, b, bit_mixes, base_config, copy_gbps, meta, seed)
                 torch.cuda.empty_cache()
     write_rows(path, rows, DECODE_COLUMNS)
     print(f"wrote {len(rows)} rows to {path}")
     return rows
 
 
-def _bench_point(model, hq, hkv, d, ctx, b, bit_mixes, base_config, copy_gbps, meta, seed,
-                 reference, TurboKVCache, SDPBackend) -> list[dict]:
+def _measured(p20, p50, p80, flops, nbytes, copy_gbps, err) -> dict:
+    """The columns of a row that come from its times, bytes read and error (every provider alike)."""
+    return dict(ms_p20=round(p20, 6), ms_p50=round(p50, 6), ms_p80=round(p80, 6), us_p50=round(p50 * 1e3, 2),
+                tops=round(flops / (p50 * 1e-3) / 1e12, 3), cosine=round(err.cosine, 6), rel_l1=round(err.rel_l1, 6),
+                bytes_read=nbytes, gbps=round(nbytes / (p50 * 1e-3) / 1e9, 1),
+                pct_copy_bw=round(100 * nbytes / (p50 * 1e-3) / 1e9 / copy_gbps, 1))
+
+
+def _bench_point(model, hq, hkv, d, ctx, b, bit_mixes, base_config, copy_gbps, meta, seed) -> list[dict]:
     import torch
+    from torch.nn.attention import SDPBackend
+
+    from kernels import reference
+    from kernels.cache import TurboKVCache
 
     q, k, v = make_inputs(b, hq, hkv, ctx + 1, d, seed + ctx + b)
     exact = exact_decode(q, k, v)
@@ -219,11 +227,8 @@ def _bench_point(model, hq, hkv, d, ctx, b, bit_mixes, base_config, copy_gbps, m
         err = reference.attention_error(fn().float(), exact)
         nbytes = 2 * b * hkv * (ctx + 1) * d * 2 + q.numel() * 2
         peer_us[name] = p50 * 1e3
-        rows.append(dict(common, provider=name, config="", bit_mix="", ms_p20=round(p20, 6), ms_p50=round(p50, 6),
-                         ms_p80=round(p80, 6), us_p50=round(p50 * 1e3, 2), tops=round(flops / (p50 * 1e-3) / 1e12, 3),
-                         cosine=round(err.cosine, 6), rel_l1=round(err.rel_l1, 6), bytes_read=nbytes,
-                         gbps=round(nbytes / (p50 * 1e-3) / 1e9, 1),
-                         pct_copy_bw=round(100 * nbytes / (p50 * 1e-3) / 1e9 / copy_gbps, 1), kv_compression=1.0,
+        rows.append(dict(common, provider=name, config="", bit_mix="",
+                         **_measured(p20, p50, p80, flops, nbytes, copy_gbps, err), kv_compression=1.0,
                          speedup_vs_sdpa_flash="", speedup_vs_sdpa_cudnn="", graph=graphed,
                          kv_repeated_for_peer=repeated, flush_in_timed_region=False))
         print(f"{model:11s} ctx={ctx:6d} B={b:2d} {name:10s}          {p50 * 1e3:9.1f} us  "
@@ -232,10 +237,10 @@ def _bench_point(model, hq, hkv, d, ctx, b, bit_mixes, base_config, copy_gbps, m
     kn, vn = k[:, :, ctx:], v[:, :, ctx:]
     for bit_mix in bit_mixes:
         config = base_config.replace(bit_mix=bit_mix)
-        cache = TurboKVCache(b, hkv, d, ctx + config.buffer_tokens, device="cuda", dtype=torch.float16, config=config)
-        cache.prefill(k[:, :, :ctx], v[:, :, :ctx])
         if (ctx + 1) % config.buffer_tokens == 0:
             raise ValueError(f"ctx + 1 = {ctx + 1} would flush inside the timed step; pick another ctx")
+        cache = TurboKVCache(b, hkv, d, ctx + config.buffer_tokens, device="cuda", dtype=torch.float16, config=config)
+        cache.prefill(k[:, :, :ctx], v[:, :, :ctx])
 
         def step(cache=cache):
             return cache._step(q, kn, vn, commit=False)
@@ -247,10 +252,7 @@ def _bench_point(model, hq, hkv, d, ctx, b, bit_mixes, base_config, copy_gbps, m
         us = p50 * 1e3
         splits = cache._split_plan([n + 1 for n in cache._lengths])[0]
         rows.append(dict(common, provider="turbo", config=config_label(config, cache.decode_block_n, splits),
-                         bit_mix=bit_mix, ms_p20=round(p20, 6), ms_p50=round(p50, 6), ms_p80=round(p80, 6),
-                         us_p50=round(us, 2), tops=round(flops / (p50 * 1e-3) / 1e12, 3), cosine=round(err.cosine, 6),
-                         rel_l1=round(err.rel_l1, 6), bytes_read=nbytes, gbps=round(nbytes / (p50 * 1e-3) / 1e9, 1),
-                         pct_copy_bw=round(100 * nbytes / (p50 * 1e-3) / 1e9 / copy_gbps, 1),
+                         bit_mix=bit_mix, **_measured(p20, p50, p80, flops, nbytes, copy_gbps, err),
                          kv_compression=round(cache.fp16_nbytes() / cache.nbytes(), 3),
                          speedup_vs_sdpa_flash=round(peer_us["sdpa_flash"] / us, 3) if "sdpa_flash" in peer_us else "",
                          speedup_vs_sdpa_cudnn=round(peer_us["sdpa_cudnn"] / us, 3) if "sdpa_cudnn" in peer_us else "",

@@ -175,6 +175,7 @@ class TurboKVCache:
         self.num_v_groups = R.num_v_groups(head_dim, config.v_group)
         self.smooth = config.smooth_k
         self.decode_block_n = decode_tile_tokens(config.decode_block_n, self.block_tokens)
+        self._num_sms = _num_sms(self.device)  # queried once, not on every decode step
         self._pinned: list[int] | None = None
 
         b, h, d, nb, nblk = batch, num_kv_heads, head_dim, self.block_tokens, self.num_blocks
@@ -189,22 +190,13 @@ class TurboKVCache:
         self.head_bits_dev = torch.zeros(h, dtype=torch.int32, **z)
         self.head_slot_dev = torch.zeros(h, dtype=torch.int32, **z)
         self.pool4 = self.pool2 = None
-        bits = R.assign_head_bits(torch.zeros(h), config.bit_mix).tolist()
-        self._set_bits([int(x) for x in bits])
+        self._set_bits(R.assign_head_bits(torch.zeros(h), config.bit_mix).tolist())
 
     # ------------------------------------------------------------------ bits and pools
 
     def _alloc_pool(self, heads: int, bits: int) -> R.PackedKV:
-        b, nblk, nb, d, ng = self.batch, self.num_blocks, self.block_tokens, self.head_dim, self.num_v_groups
-        w = d * bits // 8
-        z = dict(device=self.device)
-        return R.PackedKV(
-            torch.zeros(b, heads, nblk, nb, w, dtype=torch.uint8, **z),
-            torch.zeros(b, heads, nblk, d, dtype=torch.int8, **z),
-            torch.zeros(b, heads, nblk, d, dtype=torch.int8, **z),
-            torch.zeros(b, heads, nblk, nb, w, dtype=torch.uint8, **z),
-            torch.zeros(b, heads, nblk, nb, ng, dtype=torch.int8, **z),
-            torch.zeros(b, heads, nblk, nb, ng, dtype=torch.int8, **z))
+        return R.empty_packed_kv(self.batch, heads, self.num_blocks, self.block_tokens, self.head_dim, bits,
+                                 self.config.v_group, self.device)
 
     def _set_bits(self, bits: list[int]) -> None:
         h2 = sum(1 for x in bits if x == 2)
@@ -213,13 +205,9 @@ class TurboKVCache:
             self.pool4 = self.pool2 = None  # free before allocating the new pools
             self.pool4 = self._alloc_pool(h4, 4)
             self.pool2 = self._alloc_pool(h2, 2)
-        slots, counts = [], {4: 0, 2: 0}
-        for x in bits:
-            slots.append(counts[x])
-            counts[x] += 1
         self._bits = list(bits)
         self.head_bits_dev.copy_(torch.tensor(bits, dtype=torch.int32))
-        self.head_slot_dev.copy_(torch.tensor(slots, dtype=torch.int32))
+        self.head_slot_dev.copy_(torch.tensor(R.head_slots(bits), dtype=torch.int32))
 
     @property
     def head_bits(self) -> list[int]:
@@ -340,7 +328,7 @@ class TurboKVCache:
             bits = self._pinned
         if bits is None:
             priority = R.kv_head_priority(k, v, lens_t, self.k_mean)
-            bits = [int(x) for x in R.assign_head_bits(priority.cpu(), self.config.bit_mix).tolist()]
+            bits = R.assign_head_bits(priority.cpu(), self.config.bit_mix).tolist()
         self._set_bits(bits)
         self.lengths_dev.copy_(lens_t.to(torch.int32))
         self._lengths = list(lens)
@@ -350,16 +338,25 @@ class TurboKVCache:
         grid = (triton.cdiv(max(lens), nb), self.batch * self.num_kv_heads)
         self._launch_quantize(grid, k, v, flush=False)
 
-    def _launch_quantize(self, grid, k, v, flush: bool) -> None:
+    def _state_args(self) -> tuple:
+        """The cache's tensors as the quantize and split kernels take them: LEN, MEAN, HEAD_BITS,
+        HEAD_SLOT, the 4-bit pool, the 2-bit pool, KS1, VS1, KBUF, VBUF."""
         p4, p2 = self.pool4, self.pool2
         p2 = p2 if p2.k_codes.shape[1] else p4  # an empty pool is never read: pass a valid pointer
         p4 = p4 if p4.k_codes.shape[1] else p2
+        mean = self.k_mean if self.k_mean is not None else self.k_s1  # never read without HAS_MEAN
+        return (self.lengths_dev, mean, self.head_bits_dev, self.head_slot_dev, *p4, *p2,
+                self.k_s1, self.v_s1, self.k_buffer, self.v_buffer)
+
+    def _head_args(self) -> tuple[int, int, int, int]:
+        """(H, H4, H2, NBLK) of the kernels."""
+        return self.num_kv_heads, self.pool4.k_codes.shape[1], self.pool2.k_codes.shape[1], self.num_blocks
+
+    def _launch_quantize(self, grid, k, v, flush: bool) -> None:
         d = self.head_dim
         _quantize_blocks_kernel[grid](
             k, v, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-            self.lengths_dev, self.k_mean if self.k_mean is not None else self.k_s1,
-            self.head_bits_dev, self.head_slot_dev, *p4, *p2, self.k_s1, self.v_s1, self.k_buffer, self.v_buffer,
-            self.num_kv_heads, self.pool4.k_codes.shape[1], self.pool2.k_codes.shape[1], self.num_blocks,
+            *self._state_args(), *self._head_args(),
             D=d, DP=triton.next_power_of_2(d), NB=self.block_tokens, NBP=triton.next_power_of_2(self.block_tokens),
             VG=self.config.v_group, NG=self.num_v_groups, FLUSH=flush, HAS_MEAN=self.k_mean is not None,
             num_warps=QUANT_NUM_WARPS)
@@ -398,8 +395,7 @@ class TurboKVCache:
         """(number of packed splits, tiles per split) for a step that ends at new_lengths."""
         nb, block_n = self.block_tokens, self.decode_block_n
         max_tiles = (max(new_lengths) // nb) * (nb // block_n)
-        splits = decode_num_splits(max_tiles, self.batch * self.num_kv_heads, _num_sms(self.device),
-                                   self.config.num_splits)
+        splits = decode_num_splits(max_tiles, self.batch * self.num_kv_heads, self._num_sms, self.config.num_splits)
         if splits == 0:
             return 0, 1
         per_split = triton.cdiv(max_tiles, splits)
@@ -431,15 +427,9 @@ class TurboKVCache:
         group = hq // h
         block_g = max(16, triton.next_power_of_2(group))
         scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
-        p4, p2 = self.pool4, self.pool2
-        p2 = p2 if p2.k_codes.shape[1] else p4  # an empty pool is never read: pass a valid pointer
-        p4 = p4 if p4.k_codes.shape[1] else p2
         _decode_split_kernel[(parts, b * h)](
             q, q.stride(0), q.stride(1), k_new, v_new, k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
-            self.lengths_dev, self.k_mean if self.k_mean is not None else self.k_s1,
-            self.head_bits_dev, self.head_slot_dev, *p4, *p2, self.k_s1, self.v_s1, self.k_buffer, self.v_buffer,
-            pm, pl, pacc, scale * R.LOG2E, h, self.pool4.k_codes.shape[1], self.pool2.k_codes.shape[1],
-            self.num_blocks, splits, per_split,
+            *self._state_args(), pm, pl, pacc, scale * R.LOG2E, *self._head_args(), splits, per_split,
             G=group, BLOCK_G=block_g, D=d, DP=dp, NB=nb, BLOCK_N=self.decode_block_n,
             VG=self.config.v_group, NG=self.num_v_groups, HAS_MEAN=self.k_mean is not None, APPEND=not flush,
             num_warps=self.config.decode_num_warps, num_stages=self.config.decode_num_stages)
@@ -458,7 +448,7 @@ class TurboKVCache:
         stage-1 scales, the buffer tokens, the mean; plus q, k_new and v_new, and the split partials
         that the reduction reads back. (Writes, a few hundred bytes per head, are not counted.)"""
         d, nb, ng = self.head_dim, self.block_tokens, self.num_v_groups
-        e = torch.empty((), dtype=self.dtype).element_size()
+        e = self.k_buffer.element_size()
         new_lengths = [n + 1 for n in self._lengths]
         per_block = {bits: 2 * nb * d * bits // 8 + 2 * d + 2 * nb * ng + 8 for bits in (4, 2)}
         total = 0

@@ -496,6 +496,30 @@ def num_v_groups(d: int, v_group: int) -> int:
     return -(-d // v_group)
 
 
+def head_slots(head_bits) -> list[int]:
+    """Index of each KV head in the pool of its bit width (heads of one width numbered in order)."""
+    counts = {4: 0, 2: 0}
+    slots = []
+    for bits in head_bits:
+        slots.append(counts[bits])
+        counts[bits] += 1
+    return slots
+
+
+def empty_packed_kv(batch: int, heads: int, num_blocks: int, block: int, d: int, bits: int, v_group: int,
+                    device=None) -> PackedKV:
+    """A zeroed pool of `heads` KV heads at `bits` ([B, Hp, NBLK, ...] as PackedKV lays it out)."""
+    w = d * bits // 8
+    ng = num_v_groups(d, v_group)
+    z = dict(device=device)
+    return PackedKV(torch.zeros(batch, heads, num_blocks, block, w, dtype=torch.uint8, **z),
+                    torch.zeros(batch, heads, num_blocks, d, dtype=torch.int8, **z),
+                    torch.zeros(batch, heads, num_blocks, d, dtype=torch.int8, **z),
+                    torch.zeros(batch, heads, num_blocks, block, w, dtype=torch.uint8, **z),
+                    torch.zeros(batch, heads, num_blocks, block, ng, dtype=torch.int8, **z),
+                    torch.zeros(batch, heads, num_blocks, block, ng, dtype=torch.int8, **z))
+
+
 def pack_lowbit_planar(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """[..., D] codes -> [..., W] bytes, W = D * bits / 8; byte w holds channels w + i W at bit i * bits."""
     check_tensor("codes", codes, dtypes=(torch.uint8,))
@@ -617,23 +641,8 @@ def quantize_kv_cache(k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, h
     else:
         mean = kv_smoothing_mean(k, lens).to(k.device)
     bits_list = [int(x) for x in head_bits.tolist()]
-    slot = torch.zeros(h, dtype=torch.int32)
-    counts = {4: 0, 2: 0}
-    for j, bt in enumerate(bits_list):
-        slot[j] = counts[bt]
-        counts[bt] += 1
-    ng = num_v_groups(d, v_group)
-
-    def empty_pool(hp, bits):
-        w = d * bits // 8
-        z = dict(device=k.device)
-        return PackedKV(torch.zeros(b, hp, nblk, block, w, dtype=torch.uint8, **z),
-                        torch.zeros(b, hp, nblk, d, dtype=torch.int8, **z), torch.zeros(b, hp, nblk, d, dtype=torch.int8, **z),
-                        torch.zeros(b, hp, nblk, block, w, dtype=torch.uint8, **z),
-                        torch.zeros(b, hp, nblk, block, ng, dtype=torch.int8, **z),
-                        torch.zeros(b, hp, nblk, block, ng, dtype=torch.int8, **z))
-
-    pools = {4: empty_pool(counts[4], 4), 2: empty_pool(counts[2], 2)}
+    slot = head_slots(bits_list)
+    pools = {bt: empty_packed_kv(b, bits_list.count(bt), nblk, block, d, bt, v_group, k.device) for bt in (4, 2)}
     k_s1 = torch.zeros(b, h, nblk, device=k.device)
     v_s1 = torch.zeros(b, h, nblk, device=k.device)
     k_buf = torch.zeros(b, h, block, d, device=k.device, dtype=k.dtype)
@@ -647,14 +656,14 @@ def quantize_kv_cache(k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, h
             for j, bt in enumerate(bits_list):
                 pool, s1k, s1v = quantize_kv_blocks(ks[:, j:j + 1], vs[:, j:j + 1], bt, block, v_group)
                 for dst, src in zip(pools[bt], pool):
-                    dst[i, int(slot[j]), :full] = src[0, 0]
+                    dst[i, slot[j], :full] = src[0, 0]
                 k_s1[i, j, :full] = s1k[0, 0]
                 v_s1[i, j, :full] = s1v[0, 0]
         if rest:
             k_buf[i, :, :rest] = k[i, :, full * block:length]
             v_buf[i, :, :rest] = v[i, :, full * block:length]
     return KVCacheContents(pools[4], pools[2], torch.tensor(bits_list, dtype=torch.int32, device=k.device),
-                           slot.to(k.device), k_s1, v_s1, mean, k_buf, v_buf,
+                           torch.tensor(slot, dtype=torch.int32, device=k.device), k_s1, v_s1, mean, k_buf, v_buf,
                            lens.to(torch.int32).to(k.device), block, v_group)
 
 
