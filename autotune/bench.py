@@ -21,11 +21,12 @@ import subprocess
 import sys
 import time
 
+from roofline import resolve_model
+
 SEED_MODELS = {
-    # name: (Hq, Hkv, D)
-    "phi3-mini": (32, 32, 96),
-    "llama3-8b": (32, 8, 128),
-    "qwen2.5-7b": (28, 4, 128),
+    # name: (Hq, Hkv, D), from the roofline's model table
+    name: (spec.num_q_heads, spec.num_kv_heads, spec.head_dim)
+    for name, spec in ((n, resolve_model(n)) for n in ("phi3-mini", "llama3-8b", "qwen2.5-7b"))
 }
 DEFAULT_TOKENS = 16384  # batch = tokens // N, as in DESIGN section 7 (N=4k with B=4, N=16k with B=1)
 PREFILL_COLUMNS = ["kernel", "provider", "model", "batch", "hq", "hkv", "n", "d", "dtype", "causal", "config",
@@ -75,8 +76,8 @@ def exact_reference(q, k, v, causal: bool):
     return out
 
 
-def _peers(q, k, v, causal: bool):
-    """name -> (callable, kv_repeated) for each peer that runs here."""
+def _peers(q, k, v, causal: bool, sage: bool = True):
+    """name -> (callable, kv_repeated) for each peer that runs here (SageAttention too when `sage`)."""
     import torch
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -101,14 +102,16 @@ def _peers(q, k, v, causal: bool):
                 last = exc
         else:
             print(f"  {name}: unavailable ({type(last).__name__}: {str(last)[:80]})")
+    if not sage:
+        return peers
     try:
         from sageattention import sageattn
 
-        def sage():
+        def run_sage():
             return sageattn(q, kr, vr, tensor_layout="HND", is_causal=causal)
-        sage()
+        run_sage()
         torch.cuda.synchronize()
-        peers["sage1"] = (sage, group > 1)
+        peers["sage1"] = (run_sage, group > 1)
     except Exception as exc:
         print(f"  sage1: unavailable ({type(exc).__name__}: {str(exc)[:80]})")
     return peers
@@ -255,35 +258,27 @@ def sass_summary(config=None, d: int = 128, causal: bool = True) -> dict:
             kernel = compiled
     if kernel is None:
         return {"sass": "no compiled kernel found"}
-    asm = ""
     try:
         asm = kernel.asm.get("sass") or ""
     except Exception as exc:
         asm = ""
         print("sass unavailable:", exc)
-    if not asm:
-        try:
-            import tempfile
+    cubin = None if asm else kernel.asm.get("cubin")
+    if cubin:  # disassemble with the cuobjdump/nvdisasm Triton ships (or one on PATH)
+        import shutil
+        import tempfile
 
-            from triton.backends.nvidia.compiler import get_nvdisasm_path  # noqa: F401
-        except Exception:
-            pass
-        cubin = kernel.asm.get("cubin")
-        if cubin:
-            import shutil
-            import tempfile
-
-            tool = shutil.which("cuobjdump") or shutil.which("nvdisasm")
-            here = pathlib.Path(__import__("triton").__file__).parent / "backends" / "nvidia" / "bin"
-            for name in ("cuobjdump", "nvdisasm"):
-                if (here / name).exists():
-                    tool = str(here / name)
-                    break
-            if tool:
-                with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as fh:
-                    fh.write(cubin)
-                args = [tool, "-sass", fh.name] if tool.endswith("cuobjdump") else [tool, fh.name]
-                asm = subprocess.run(args, capture_output=True, text=True).stdout
+        tool = shutil.which("cuobjdump") or shutil.which("nvdisasm")
+        here = pathlib.Path(__import__("triton").__file__).parent / "backends" / "nvidia" / "bin"
+        for name in ("cuobjdump", "nvdisasm"):
+            if (here / name).exists():
+                tool = str(here / name)
+                break
+        if tool:
+            with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as fh:
+                fh.write(cubin)
+            args = [tool, "-sass", fh.name] if tool.endswith("cuobjdump") else [tool, fh.name]
+            asm = subprocess.run(args, capture_output=True, text=True).stdout
     if not asm:
         return {"sass": "unavailable"}
     ops = re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", asm, flags=re.M)

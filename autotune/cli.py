@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import pathlib
 import sys
 
 DESCRIPTION = """\
@@ -184,7 +183,7 @@ def tune(args) -> int:
     from .export import mask_url
 
     print(f"autotune: gpu={gpu.key} ({gpu.name}) model={model.key} mode={mode} ({why})")
-    print(f"  workload: " + ", ".join(f"{p.kernel} {p.seq_len}x{p.batch} w={p.weight:.2f}" for p in workload.points))
+    print("  workload: " + ", ".join(f"{p.kernel} {p.seq_len}x{p.batch} w={p.weight:.2f}" for p in workload.points))
     resumed = len(study.trials)
     print(f"  study {study_name} in {mask_url(storage_url)}" + (f" (resuming: {resumed} trials so far)" if resumed else ""))
 
@@ -242,6 +241,7 @@ def finish(args, study, objective, gpu, model, mode, storage_url, study_name) ->
     from kernels.config import KernelConfig
 
     from .export import best_trial, build_document, write_document
+    from .objective import point_key
     from .study import summary_table
 
     best = best_trial(study)
@@ -250,11 +250,11 @@ def finish(args, study, objective, gpu, model, mode, storage_url, study_name) ->
               "raise --trials or the budgets", file=sys.stderr)
         return 1
     winner = KernelConfig.from_dict(best.user_attrs["config"])
-    default = objective.evaluate(KernelConfig())
+    default = _default_from_study(study) or objective.evaluate(KernelConfig())
     rows = []
     per_point_best = best.user_attrs.get("per_point_ms", {})
     for p in objective.workload.points:
-        key = f"{p.kernel}_{p.seq_len}x{p.batch}"
+        key = point_key(p)
         try:
             base = objective.timer.baseline_ms(objective.workload, p)
         except Exception:
@@ -310,6 +310,16 @@ def finish(args, study, objective, gpu, model, mode, storage_url, study_name) ->
         except Exception as exc:  # a report must never lose the tuning result
             print(f"report not written: {type(exc).__name__}: {exc}", file=sys.stderr)
     return 0
+
+
+def _default_from_study(study) -> dict | None:
+    """The default config's figures from its warm-start trial, when it ran to completion (no re-timing)."""
+    import optuna
+
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        if t.user_attrs.get("warm_start") == "default config" and t.user_attrs.get("per_point_ms") and t.values:
+            return {"feasible": True, "ms": t.values[0], "per_point_ms": t.user_attrs["per_point_ms"]}
+    return None
 
 
 def show_main(argv=None) -> int:

@@ -16,14 +16,15 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 
 from kernels import reference
 from kernels.config import KernelConfig
+from roofline.models import WorkloadPoint as Point  # (kernel, seq_len, batch, weight)
 
-from .space import NUMERIC_FIELDS, WorkloadKinds, numeric_key, suggest_config
+from .space import WorkloadKinds, numeric_key, suggest_config
 
 DEFAULT_PREFILL_ERROR_BUDGET = 1e-3  # 1 - cosine: the DESIGN floor, cosine >= 0.999
 DEFAULT_KV_ERROR_BUDGET = 3e-2  # 1 - cosine with the compressed cache: all-4-bit passes (1.7e-2 on synthetic
@@ -32,11 +33,9 @@ ACCURACY_TOKENS = 256  # prefill accuracy check: N (the reference runs on CPU)
 KV_ACCURACY_TOKENS = 512  # KV accuracy check: enough tokens for several cache blocks
 
 
-class Point(NamedTuple):
-    kernel: str  # "prefill" | "decode"
-    seq_len: int
-    batch: int
-    weight: float
+def point_key(point: Point) -> str:
+    """'prefill_4096x4': the name of a workload point in per-point results."""
+    return f"{point.kernel}_{point.seq_len}x{point.batch}"
 
 
 @dataclass(frozen=True)
@@ -74,8 +73,7 @@ def workload_from_spec(model, spec: str | None = None) -> Workload:
     defaults = default_workload(model)
     m = defaults.model
     if not spec:
-        pts = tuple(Point(p.kernel, p.seq_len, p.batch, p.weight) for p in defaults.points)
-        return Workload(m.key, m.num_q_heads, m.num_kv_heads, m.head_dim, pts)
+        return Workload(m.key, m.num_q_heads, m.num_kv_heads, m.head_dim, defaults.points)
     points: list[Point] = []
     for part in spec.split(";"):
         part = part.strip()
@@ -213,27 +211,14 @@ class LiveTimer:
         return time_ms(lambda: cache.decode(q1, k1, v1), warmup=5, rep=30)[1]
 
     def baseline_ms(self, workload: Workload, point: Point) -> float:
-        import torch.nn.functional as F
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        from .bench import time_ms
+        """The faster of SDPA's flash and cuDNN backends on the same inputs (bench's peers)."""
+        from .bench import _peers, time_ms
 
         q, k, v = self._qkv(workload, point)
         if point.kernel == "decode":
             q = q[:, :, -1:].contiguous()
-        group = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-        best = math.inf
-        for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION):
-            def run(backend=backend):
-                with sdpa_kernel(backend):
-                    return F.scaled_dot_product_attention(q, k, v, is_causal=point.kernel == "prefill" and workload.causal)
-            try:
-                run()
-                best = min(best, time_ms(run, warmup=5, rep=30)[1])
-            except Exception:
-                continue
-        return best
+        peers = _peers(q, k, v, causal=point.kernel == "prefill" and workload.causal, sage=False)
+        return min((time_ms(fn, warmup=5, rep=30)[1] for fn, _ in peers.values()), default=math.inf)
 
 
 class ReplayTimer:
@@ -352,16 +337,18 @@ class Objective:
     telemetry: Any = None
     base: KernelConfig = field(default_factory=KernelConfig)
 
+    def workload_ms(self, timer, config: KernelConfig) -> float:
+        """Workload-weighted time of `config` by `timer`, ms per layer."""
+        return sum(p.weight * timer.point_ms(config, self.workload, p) for p in self.workload.points)
+
     def evaluate(self, config: KernelConfig) -> dict:
         """Time and errors of one config (no trial): used for the default-config row and baselines."""
         ok, reason = self.timer.feasible(config, self.workload)
         if not ok:
             return {"feasible": False, "reason": reason}
-        per_point = {f"{p.kernel}_{p.seq_len}x{p.batch}": self.timer.point_ms(config, self.workload, p)
-                     for p in self.workload.points}
-        total = sum(p.weight * per_point[f"{p.kernel}_{p.seq_len}x{p.batch}"] for p in self.workload.points)
-        acc = self.accuracy(config)
-        return {"feasible": True, "ms": total, "per_point_ms": per_point, "accuracy": acc}
+        per_point = {point_key(p): self.timer.point_ms(config, self.workload, p) for p in self.workload.points}
+        total = sum(p.weight * per_point[point_key(p)] for p in self.workload.points)
+        return {"feasible": True, "ms": total, "per_point_ms": per_point, "accuracy": self.accuracy(config)}
 
     def constraints(self, acc: AccuracyResult) -> list[float]:
         return [acc.prefill_error - self.prefill_error_budget, acc.kv_error - self.kv_error_budget]
@@ -388,9 +375,7 @@ class Objective:
         before = self.telemetry.sample() if self.telemetry else None
         t0 = time.perf_counter()
         try:
-            per_point = {}
-            for p in self.workload.points:
-                per_point[f"{p.kernel}_{p.seq_len}x{p.batch}"] = self.timer.point_ms(config, self.workload, p)
+            per_point = {point_key(p): self.timer.point_ms(config, self.workload, p) for p in self.workload.points}
         except Exception as exc:  # compile failure (OutOfResources), NaN output, launch error
             trial.set_user_attr("failure", f"{type(exc).__name__}: {str(exc)[:300]}")
             return (math.nan,) * 3 if self.objective == "pareto" else math.nan
@@ -401,7 +386,7 @@ class Objective:
             after = self.telemetry.sample()
             trial.set_user_attr("telemetry", {"before": before, "after": after})
             trial.set_user_attr("throttled", bool((before or {}).get("throttled") or (after or {}).get("throttled")))
-        total = sum(p.weight * per_point[f"{p.kernel}_{p.seq_len}x{p.batch}"] for p in self.workload.points)
+        total = sum(p.weight * per_point[point_key(p)] for p in self.workload.points)
         if not math.isfinite(total):
             trial.set_user_attr("failure", "non-finite time")
             return (math.nan,) * 3 if self.objective == "pareto" else math.nan

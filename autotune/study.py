@@ -191,7 +191,7 @@ def warm_start(study, objective: Objective, gpu: str, seed: int | None, other_do
     import optuna
 
     from .objective import PredictTimer
-    from .space import suggest_config
+    from .space import space_for, suggest_config
 
     kinds = objective.workload.kinds
     enqueued: list[str] = []
@@ -211,28 +211,19 @@ def warm_start(study, objective: Objective, gpu: str, seed: int | None, other_do
         from kernels.loader import config_from_document
 
         enqueue(config_from_document(doc), f"exported winner {path.name}")
-    predictor = PredictTimer(gpu)
+    # predict mode already holds a roofline timer (and its calibration): score with that one
+    predictor = objective.timer if isinstance(objective.timer, PredictTimer) else PredictTimer(gpu)
+    space = space_for(kinds)
     rng = random.Random(seed)
     scored = []
     for i in range(WARM_START_SAMPLES):
-        trial = optuna.trial.FixedTrial({p.name: rng.choice(p.choices) for p in _space(kinds)})
-        config = suggest_config(trial, kinds)
-        ok, _ = predictor.feasible(config, objective.workload)
-        if not ok:
+        config = suggest_config(optuna.trial.FixedTrial({p.name: rng.choice(p.choices) for p in space}), kinds)
+        if not predictor.feasible(config, objective.workload)[0]:
             continue
-        ms = sum(p.weight * predictor.point_ms(config, objective.workload, p) for p in objective.workload.points)
-        acc = objective.accuracy(config) if i < 0 else None  # accuracy is checked when the trial runs
-        del acc
-        scored.append((ms, i, config))
+        scored.append((objective.workload_ms(predictor, config), i, config))
     for ms, _, config in sorted(scored, key=lambda s: (s[0], s[1]))[:WARM_START_TOP]:
         enqueue(config, f"roofline prediction {ms:.3f} ms")
     return enqueued
-
-
-def _space(kinds):
-    from .space import space_for
-
-    return space_for(kinds)
 
 
 @dataclass

@@ -51,6 +51,18 @@ def check_qkv(q, k, v, dtypes=FLOAT_DTYPES, head_dims=SUPPORTED_HEAD_DIMS, same_
     return b, hq, hkv, nq, nk, d
 
 
+def check_kernel_device(device, subject: str) -> None:
+    """Triton kernels run on CUDA, or on the CPU in Triton's interpreter (TRITON_INTERPRET=1 set before
+    triton is imported); anything else raises ValueError starting with `subject`."""
+    import os
+
+    device = torch.device(device)
+    if device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
+        return
+    raise ValueError(f"{subject} (or on the CPU with TRITON_INTERPRET=1 set before triton is imported), "
+                     f"got {device}")
+
+
 def check_sm_scale(sm_scale) -> None:
     if sm_scale is None:
         return

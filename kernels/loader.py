@@ -129,6 +129,11 @@ def _pick(entries: list, length_key: str, length: int | None):
 def config_from_document(doc: Mapping, seq_len: int | None = None, ctx: int | None = None) -> KernelConfig:
     """The KernelConfig a document gives for prefill length `seq_len` and decode context `ctx`."""
     validate_document(doc)
+    return _entry_config(doc, seq_len, ctx)
+
+
+def _entry_config(doc: Mapping, seq_len: int | None, ctx: int | None) -> KernelConfig:
+    """config_from_document for a document already validated (every one `documents()` returns)."""
     return _to_config(doc, _pick(doc["prefill"], "max_seq_len", seq_len), _pick(doc["decode"], "max_ctx", ctx))
 
 
@@ -184,8 +189,22 @@ def _triton_major() -> str | None:
         return None
 
 
+def _folder_state() -> tuple:
+    """The search folders and their modification times: a new, removed or renamed file changes it."""
+    return tuple((str(d), d.stat().st_mtime_ns if d.is_dir() else None) for d in search_dirs())
+
+
 def find_document(gpu: str | None, model: str | None = None, head_dim: int | None = None):
-    """(path, document) for this GPU and model, or (None, reason) after the fallbacks."""
+    """(path, document) for this GPU and model, or (None, reason) after the fallbacks.
+
+    Cached until a search folder changes, so that turbo_attention(config=None) does not list,
+    read and validate the folders on every call.
+    """
+    return _find_document(gpu, model, head_dim, _folder_state())
+
+
+@functools.lru_cache(maxsize=64)
+def _find_document(gpu: str | None, model: str | None, head_dim: int | None, state: tuple):
     other_gpu = None
     for path, doc in documents():
         if model is not None and doc["model"] != model:
@@ -221,4 +240,4 @@ def load_config(gpu: str | None = None, model: str | None = None, head_dim: int 
         _say_once(f"kernels.loader: {found}; using the heuristic default config", warn=gpu is not None and model is not None)
         return heuristic_config(head_dim, seq_len)
     _say_once(f"kernels.loader: using {path} ({found['source']}, {found['gpu']}, {found['model']})", warn=False)
-    return config_from_document(found, seq_len, ctx)
+    return _entry_config(found, seq_len, ctx)

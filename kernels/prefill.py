@@ -15,13 +15,12 @@ this FlashQ (products) + SAS (softmax).
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from .checks import check_bool, check_config, check_qkv, check_sm_scale
+from .checks import check_bool, check_config, check_kernel_device, check_qkv, check_sm_scale
 from .config import REF_MAX_CLAMP, KernelConfig
 from .quant import QuantizedKV, quantize_kv_tiles
 from .reference import LOG2E
@@ -225,15 +224,6 @@ def head_dim_split(d: int) -> tuple[int, int]:
     return dh, max(32, triton.next_power_of_2(d - dh))
 
 
-def _check_device(q: torch.Tensor) -> None:
-    if q.device.type == "cuda":
-        return
-    if os.environ.get("TRITON_INTERPRET") == "1" and q.device.type == "cpu":
-        return
-    raise ValueError(f"q, k, v must be CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set before "
-                     f"triton is imported), got device {q.device}")
-
-
 def launch_flashq(q, kv: QuantizedKV, out: torch.Tensor, causal: bool, config: KernelConfig, sm_scale: float,
                   q_scales: torch.Tensor | None = None) -> torch.Tensor:
     """Launch the attention kernel; writes `out` [B, Hq, Nq, D].
@@ -276,7 +266,7 @@ def turbo_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     check_bool("causal", causal)
     check_sm_scale(sm_scale)
     config = check_config(config)
-    _check_device(q)
+    check_kernel_device(q.device, "q, k, v must be CUDA tensors")
     if config is None:
         from .loader import load_config
 
