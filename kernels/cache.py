@@ -56,14 +56,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import pathlib
 
 import torch
 import triton
 
 from . import reference as R
-from .checks import check_config, check_sm_scale, check_tensor
+from .checks import check_config, check_kernel_device, check_sm_scale, check_tensor
 from .config import KernelConfig
 from .decode import (APPEND_NUM_WARPS, INTERPRETER_SMS, QUANT_NUM_WARPS, REDUCE_NUM_WARPS, REDUCE_TILE_ELEMS,
                      _append_kernel, _decode_reduce_kernel, _decode_split_kernel, _quantize_blocks_kernel,
@@ -81,15 +80,6 @@ def _check_positive_int(name: str, value) -> int:
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
     return value
-
-
-def _check_device_usable(device: torch.device) -> None:
-    if device.type == "cuda":
-        return
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
-        return
-    raise ValueError(f"device must be a CUDA device (or CPU with TRITON_INTERPRET=1 set before triton is "
-                     f"imported), got {device}")
 
 
 def _num_sms(device: torch.device) -> int:
@@ -163,7 +153,7 @@ class TurboKVCache:
             raise ValueError(f"device must name a torch device, got {device!r}") from exc
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
-        _check_device_usable(self.device)
+        check_kernel_device(self.device, "device must be a CUDA device")
         config = check_config(config)
         if config is None:
             from .loader import load_config
