@@ -43,7 +43,7 @@ def fake_quantize_kv(k: torch.Tensor, v: torch.Tensor, config: KernelConfig) -> 
     k, v: [B, Hkv, N, D], each row its own sequence (its own prefill, its own head bits). Tokens
     past the last whole block are still in the buffer and come back unchanged.
     """
-    b, h, n, d = k.shape
+    b, h, n, _ = k.shape
     nb = config.buffer_tokens
     k_out, v_out = k.float().clone(), v.float().clone()
     bits = torch.full((b, h), 4, dtype=torch.int32, device=k.device)
@@ -53,10 +53,10 @@ def fake_quantize_kv(k: torch.Tensor, v: torch.Tensor, config: KernelConfig) -> 
     lengths = torch.tensor([n], dtype=torch.int64)
     for i in range(b):
         ki, vi = k[i:i + 1], v[i:i + 1]
-        mean = kv_smoothing_mean(ki, lengths) if config.smooth_k else torch.zeros(1, h, d, device=k.device)
-        # priority of the values the cache quantizes (K smoothed)
-        head_bits = assign_head_bits(kv_head_priority(ki.float() - mean[:, :, None, :], vi, lengths), config.bit_mix)
-        contents = quantize_kv_cache(ki, vi, lengths, head_bits, nb, config.v_group, config.smooth_k)
+        mean = kv_smoothing_mean(ki, lengths) if config.smooth_k else None
+        # priority of the values the cache quantizes (K smoothed); the cache smooths by the same mean
+        head_bits = assign_head_bits(kv_head_priority(ki, vi, lengths, k_mean=mean), config.bit_mix)
+        contents = quantize_kv_cache(ki, vi, lengths, head_bits, nb, config.v_group, config.smooth_k, k_mean=mean)
         k_deq, v_deq, _ = dequantize_kv_cache(contents)
         k_out[i, :, :full] = (k_deq[0, :, :full] + contents.k_mean[0, :, None, :].double()).float()
         v_out[i, :, :full] = v_deq[0, :, :full].float()

@@ -28,7 +28,6 @@ import fractions
 import json
 import math
 import pathlib
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -37,9 +36,11 @@ from typing import NamedTuple, Sequence
 import torch
 
 from kernels.config import KernelConfig
-from kernels.reference import AttentionError, attention_error, exact_attention, turbo_attention_reference
+from kernels.reference import (AttentionError, attention_error, exact_attention, num_low_bit_heads,
+                               turbo_attention_reference)
 
 from . import kvsim
+from .bench import _git_sha
 from .hfmodel import AttentionCall, attention_handler, encode_text, load_model, model_shape
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -252,14 +253,6 @@ def parse_numerics(spec: str | None, mode: str = "full") -> Numerics:
 
 # ----------------------------------------------------------------------------- reports
 
-def _git_sha() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def result_row(result: EvalResult, windows: torch.Tensor, shape: dict, context: dict) -> dict:
     """One CSV row (CSV_COLUMNS) for an evaluation."""
     num, cfg = result.numerics, result.numerics.config
@@ -308,7 +301,7 @@ def kivi_compression(bit_mix: float, num_kv_heads: int, group: int = 32) -> floa
     """Compression of the KIVI-style peer's cache: fp16 scale and zero point per group of `group`
     values (1 bit per value), the 64-token residual not counted (long context). An assumption:
     DESIGN.md gives the peer's accuracy, not its byte count."""
-    n_low = math.floor(bit_mix * num_kv_heads + 1e-9)
+    n_low = num_low_bit_heads(num_kv_heads, bit_mix)
     bits = (n_low * (2 + 32 / group) + (num_kv_heads - n_low) * (4 + 32 / group)) / num_kv_heads
     return 16.0 / bits
 
@@ -335,7 +328,7 @@ def plot_data(rows: Sequence[dict], model: str, num_kv_heads: int) -> PlotData:
         points.sort()
     peer = []
     for m, pct in KIVI_PEER:
-        n_low = math.floor(m * num_kv_heads + 1e-9)
+        n_low = num_low_bit_heads(num_kv_heads, m)
         what = "4-bit" if n_low == 0 else "all 2-bit" if n_low == num_kv_heads else f"{n_low} of {num_kv_heads} heads 2-bit"
         peer.append((kivi_compression(m, num_kv_heads), pct, f"KIVI-style {what}"))
     tokens = rows[0]["tokens"] if rows else 0

@@ -32,7 +32,6 @@ import html
 import math
 import pathlib
 import platform
-import subprocess
 import sys
 import warnings
 from typing import Any, Iterable, NamedTuple, Sequence
@@ -468,20 +467,12 @@ def toolchain_versions() -> dict:
     return out
 
 
-def _git_sha() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             timeout=5)
-        return out.stdout.strip() if out.returncode == 0 else ""
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
 def provenance_data(study, storage_url: str | None, command: str, run: dict | None = None) -> Provenance:
     """What produced the numbers. `run`: what the tuning run saved (REPORT_ATTR: toolchain, NVML
     identity, command); the report's own toolchain is used where it is missing."""
     from roofline import GPUS
 
+    from .bench import _git_sha
     from .export import mask_url
 
     attrs = study.user_attrs
@@ -521,7 +512,7 @@ def provenance_data(study, storage_url: str | None, command: str, run: dict | No
     if run.get("command") and command and command != run.get("command"):
         items.append(("report command", mask_url(command)))
     sha = _git_sha()
-    if sha:
+    if sha != "unknown":
         items.append(("git", sha))
     items.append(("written", _dt.datetime.now().astimezone().isoformat(timespec="seconds")
                   + f" on {platform.node() or 'unknown host'}"))
@@ -831,8 +822,11 @@ def write_report(study, out_dir=None, *, storage_url: str | None = None, command
     # -- roofline
     roof = None
     if calibration is not None and workload is not None:
-        base = next((r.sdpa_ms for r in summary.rows if r.point == point_key(roofline_point(workload))), None) \
-            if summary.time_source == "measured" and roofline_point(workload) is not None else None
+        point = roofline_point(workload)
+        base = None
+        if summary.time_source == "measured" and point is not None:
+            key = point_key(point)
+            base = next((r.sdpa_ms for r in summary.rows if r.point == key), None)
         roof = roofline_data(trials, workload, gpu, calibration, summary.winner, base)
     if roof is not None:
         _draw_roofline(roof, out / "roofline.png", time_source)

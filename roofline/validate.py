@@ -271,6 +271,13 @@ def exclusion(record: Record, gpu: "str | GPUSpec", min_ms: float = DEFAULT_MIN_
     return ""
 
 
+def _shape_order(shape: AttentionShape) -> tuple:
+    """Sort key of the by_shape split: model (MODEL_ORDER, then custom), N, batch, the rest."""
+    model = model_for_shape(shape)
+    return (MODEL_ORDER.index(model) if model in MODEL_ORDER else len(MODEL_ORDER), shape.seq_len,
+            shape.batch, shape.num_q_heads, shape.num_kv_heads, shape.head_dim, shape.causal)
+
+
 def heldout_folds(records: Sequence[Record], split: str) -> list[int]:
     """Fold 0/1 of each record (see the module docstring for the two splits)."""
     folds = [0] * len(records)
@@ -282,11 +289,7 @@ def heldout_folds(records: Sequence[Record], split: str) -> list[int]:
             for j, i in enumerate(indices):
                 folds[i] = j % 2
         elif split == "by_shape":
-            def order(shape: AttentionShape) -> tuple:
-                model = model_for_shape(shape)
-                return (MODEL_ORDER.index(model) if model in MODEL_ORDER else len(MODEL_ORDER), shape.seq_len,
-                        shape.batch, shape.num_q_heads, shape.num_kv_heads, shape.head_dim, shape.causal)
-            shapes = sorted({records[i].shape for i in indices}, key=order)
+            shapes = sorted({records[i].shape for i in indices}, key=_shape_order)
             fold_of = {s: j % 2 for j, s in enumerate(shapes)}
             for i in indices:
                 folds[i] = fold_of[records[i].shape]
@@ -395,18 +398,23 @@ def _fmt(value: float) -> str:
     return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.6g}"
 
 
+def _prediction_fields(r: Record, p: Prediction | None) -> dict:
+    """The columns both CSVs share: the record and its prediction (empty where not predicted)."""
+    return {"kernel": r.kernel, "model": r.model, "shape": shape_label(r.shape), "config": config_label(r.config),
+            "predicted_ms": _fmt(p.time_ms) if p else "", "measured_ms": _fmt(r.measured_ms),
+            "bound": p.bound if p else "",
+            "ape": _fmt(100.0 * abs(p.time_ms - r.measured_ms) / r.measured_ms) if p else ""}
+
+
 def validation_rows(v: Validation) -> list[dict]:
     """One row per (record, calibrated): "datasheet" as calibrated=false, "calibrated" as true."""
     rows = []
     for name in ("datasheet", "calibrated"):
         result = v.variants[name]
         for i, r in enumerate(v.records):
-            p = result.predictions[i]
             rows.append({
-                "kernel": r.kernel, "model": r.model, "shape": shape_label(r.shape), "config": config_label(r.config),
-                "predicted_ms": _fmt(p.time_ms) if p else "", "measured_ms": _fmt(r.measured_ms),
-                "calibrated": "true" if result.calibrated else "false", "bound": p.bound if p else "",
-                "ape": _fmt(100.0 * abs(p.time_ms - r.measured_ms) / r.measured_ms) if p else "",
+                **_prediction_fields(r, result.predictions[i]),
+                "calibrated": "true" if result.calibrated else "false",
                 "variant": name, "used": "false" if v.excluded[i] else "true", "excluded": v.excluded[i],
                 "in_fit": "true" if result.in_fit[i] else "false", "record": i, "records_file": r.source,
                 "gpu": v.gpu, "batch": r.shape.batch, "hq": r.shape.num_q_heads, "hkv": r.shape.num_kv_heads,
@@ -420,15 +428,11 @@ def variant_rows(v: Validation) -> list[dict]:
     rows = []
     for name, result in v.variants.items():
         for i, r in enumerate(v.records):
-            p = result.predictions[i]
             rows.append({
-                "kernel": r.kernel, "model": r.model, "shape": shape_label(r.shape), "config": config_label(r.config),
+                **_prediction_fields(r, result.predictions[i]),
                 "variant": name, "calibrated": "true" if result.calibrated else "false",
                 "fold": "" if result.folds[i] is None else result.folds[i],
                 "in_fit": "true" if result.in_fit[i] else "false",
-                "predicted_ms": _fmt(p.time_ms) if p else "", "measured_ms": _fmt(r.measured_ms),
-                "bound": p.bound if p else "",
-                "ape": _fmt(100.0 * abs(p.time_ms - r.measured_ms) / r.measured_ms) if p else "",
                 "used": "false" if v.excluded[i] else "true", "record": i,
             })
     return rows
@@ -772,9 +776,10 @@ def run_validation(gpu: "str | GPUSpec" = "h100", records_paths: Sequence["str |
     v = evaluate(records, spec, calibration, min_ms=min_ms, heldout=heldout, calibration_file=cal_file.name,
                  records_files=[p.name for p in paths_in])
     key = spec.key
+    rows = variant_rows(v)
     paths = {
         "csv": write_csv(out_dir / f"validation-{key}.csv", validation_rows(v), VALIDATION_COLUMNS),
-        "variants_csv": write_csv(out_dir / f"validation-{key}-variants.csv", variant_rows(v), VARIANT_COLUMNS),
+        "variants_csv": write_csv(out_dir / f"validation-{key}-variants.csv", rows, VARIANT_COLUMNS),
     }
     doc = summary(v)
     paths["summary_json"] = out_dir / f"validation-{key}.json"
@@ -784,7 +789,7 @@ def run_validation(gpu: "str | GPUSpec" = "h100", records_paths: Sequence["str |
     if draw:
         from .chart import draw_roofline, roofline_chart_data
 
-        panels = scatter_panels(variant_rows(v))
+        panels = scatter_panels(rows)
         paths["validation_png"] = draw_validation(
             panels, out_dir / f"validation-{key}.png",
             title=f"roofline model vs measured on {spec.name} ({doc['used']} used records of "
