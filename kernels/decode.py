@@ -44,7 +44,6 @@ MIN_TILES_PER_SPLIT = 4  # a split shorter than this costs more in setup and par
 WAVES = 2  # programs per SM the split heuristic aims for
 INTERPRETER_SMS = 4  # no GPU: the interpreter runs programs one after another, so fewer is faster
 F16_MAGIC_CODE = tl.constexpr(0x6400)  # bits of fp16 1024.0: (0x6400 | c) is 1024 + c for 0 <= c < 1024
-F16_MAGIC_INT = tl.constexpr(0x6600)  # bits of fp16 1536.0: 0x6600 + x is 1536 + x for -512 <= x < 512
 
 
 # ----------------------------------------------------------------------------- heuristics
@@ -254,84 +253,243 @@ def _append_kernel(KN, VN, stride_kb, stride_kh, stride_vb, stride_vh, KBUF, VBU
 
 # ----------------------------------------------------------------------------- split-KV decode
 
+# fp16 bits of 1024 + c in both halves: (0x6400 | c) for a code c < 1024, two lanes per 32-bit register
+_UNPACK4_ASM = tl.constexpr("""{
+.reg .b32 t0, t1, z, m;
+mov.b32 z, 0;
+mov.b32 m, 0x64006400;
+prmt.b32 t0, $4, z, 0x4140;
+prmt.b32 t1, $4, z, 0x4342;
+and.b32 $0, t0, 0x000F000F;
+and.b32 $1, t1, 0x000F000F;
+shr.b32 t0, t0, 4;
+shr.b32 t1, t1, 4;
+and.b32 $2, t0, 0x000F000F;
+and.b32 $3, t1, 0x000F000F;
+or.b32 $0, $0, m;
+or.b32 $1, $1, m;
+or.b32 $2, $2, m;
+or.b32 $3, $3, m;
+sub.f16x2 $0, $0, m;
+sub.f16x2 $1, $1, m;
+sub.f16x2 $2, $2, m;
+sub.f16x2 $3, $3, m;
+}""")
+
+
+def _unpack2_asm() -> str:
+    lines = ["{", ".reg .b32 t0, t1, u0, u1, z, m;", "mov.b32 z, 0;", "mov.b32 m, 0x64006400;",
+             "prmt.b32 t0, $8, z, 0x4140;", "prmt.b32 t1, $8, z, 0x4342;"]
+    for plane in range(4):
+        src0, src1 = ("t0", "t1") if plane == 0 else ("u0", "u1")
+        if plane:
+            lines += [f"shr.b32 u0, t0, {2 * plane};", f"shr.b32 u1, t1, {2 * plane};"]
+        lines += [f"and.b32 ${2 * plane}, {src0}, 0x00030003;", f"and.b32 ${2 * plane + 1}, {src1}, 0x00030003;",
+                  f"or.b32 ${2 * plane}, ${2 * plane}, m;", f"or.b32 ${2 * plane + 1}, ${2 * plane + 1}, m;",
+                  f"sub.f16x2 ${2 * plane}, ${2 * plane}, m;", f"sub.f16x2 ${2 * plane + 1}, ${2 * plane + 1}, m;"]
+    return "\n".join(lines + ["}"])
+
+
+_UNPACK2_ASM = tl.constexpr(_unpack2_asm())
+
+
+@triton.jit
+def _code_plane(words, PLANE: tl.constexpr, BITS: tl.constexpr):
+    """Codes of one plane of packed bytes as exact fp16 (the interpreter's path): magic 1024 + c."""
+    code = ((words >> (PLANE * BITS)) & ((1 << BITS) - 1)).to(tl.int16)
+    return (code | F16_MAGIC_CODE).to(tl.float16, bitcast=True) - 1024.0
+
+
+@triton.jit
+def _unpack4(words, FAST: tl.constexpr):
+    """uint8 bytes -> (low-nibble codes, high-nibble codes) as exact fp16, any layout.
+    FAST (CUDA): 4 bytes per 32-bit register, two byte-permutes, and/or on two lanes at a time and a
+    paired fp16 subtraction: ~1.5 instructions per code."""
+    if FAST:
+        return tl.inline_asm_elementwise(_UNPACK4_ASM, "=r,=r,=r,=r,r", [words],
+                                         dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+    else:
+        return _code_plane(words, 0, 4), _code_plane(words, 1, 4)
+
+
+@triton.jit
+def _unpack2(words, FAST: tl.constexpr):
+    """uint8 bytes -> the four 2-bit planes' codes as exact fp16 (see _unpack4)."""
+    if FAST:
+        return tl.inline_asm_elementwise(_UNPACK2_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r", [words],
+                                         dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True, pack=4)
+    else:
+        return (_code_plane(words, 0, 2), _code_plane(words, 1, 2), _code_plane(words, 2, 2),
+                _code_plane(words, 3, 2))
+
+
+@triton.jit
+def _fma16(a, b, c, FAST: tl.constexpr):
+    """a * b + c in fp16 (exact here: integers below 2048); FAST: paired fma.rn.f16x2."""
+    if FAST:
+        return tl.inline_asm_elementwise("fma.rn.f16x2 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+                                         dtype=tl.float16, is_pure=True, pack=2)
+    else:
+        return a * b + c
+
+
+@triton.jit
+def _split16(x):
+    """fp32 -> (hi, lo) fp16 with hi + lo = x to ~2^-22 relative (two tensor-core products keep fp32)."""
+    hi = x.to(tl.float16)
+    return hi, (x - hi.to(tl.float32)).to(tl.float16)
+
+
+@triton.jit
+def _load_plane(ptrs, offs_w, W: tl.constexpr, WP: tl.constexpr, other):
+    """Load a tile whose columns are a plane's words: masked only when the plane is not a power of two
+    wide (an unmasked load vectorizes)."""
+    if W == WP:
+        return tl.load(ptrs)
+    else:
+        return tl.load(ptrs, mask=(offs_w < W), other=other)
+
+
+@triton.jit
+def _q_plane(Q_rows, gmask, fold, offs_w, PLANE: tl.constexpr, W: tl.constexpr):
+    """Plane PLANE of the folded query q' = q sm_scale log2(e): channels PLANE W + w, [BLOCK_G, WP] fp32."""
+    chan = PLANE * W + offs_w
+    return tl.load(Q_rows[:, None] + chan[None, :], mask=gmask[:, None] & (offs_w < W)[None, :],
+                   other=0.0).to(tl.float32) * fold
+
+
+@triton.jit
+def _plane_q(qf, KSC, KZ, blk_d, offs_w, PLANE: tl.constexpr, W: tl.constexpr, WP: tl.constexpr):
+    """The block's scaled query plane: (q' kscale) hi, lo [BLOCK_G, WP] and sum q' kzero."""
+    chan = PLANE * W + offs_w
+    ksc = _load_plane(KSC + blk_d + chan, offs_w, W, WP, 0).to(tl.float32)
+    kz = _load_plane(KZ + blk_d + chan, offs_w, W, WP, 0).to(tl.float32)
+    hi, lo = _split16(qf * ksc[None, :])
+    return hi, lo, tl.sum(qf * kz[None, :], axis=1)
+
+
+@triton.jit
+def _plane_v(codes, VSC, VZ, grow, offs_w, PLANE: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
+             VG: tl.constexpr, BLOCK_N: tl.constexpr, FAST: tl.constexpr):
+    """Dequantize one plane of V codes [BLOCK_N, WP] to exact INT8-stage values in fp16:
+    code * scale + zero with the per-(token, group) scale and zero of each column's channel.
+
+    When the plane is whole groups (W a multiple of VG and a power of two) the scales broadcast from
+    a [BLOCK_N, W // VG] tile; otherwise each of the plane's (at most three) groups is selected."""
+    G0: tl.constexpr = (PLANE * W) // VG
+    G1: tl.constexpr = (PLANE * W + W - 1) // VG
+    if (W % VG == 0) and (W == WP):
+        GPP: tl.constexpr = W // VG
+        g_off = grow[:, None] + G0 + tl.arange(0, GPP)[None, :]
+        vsc = tl.load(VSC + g_off).to(tl.float16)
+        vz = tl.load(VZ + g_off).to(tl.float16)
+        vsc = tl.reshape(tl.broadcast_to(vsc[:, :, None], (BLOCK_N, GPP, VG)), (BLOCK_N, WP))
+        vz = tl.reshape(tl.broadcast_to(vz[:, :, None], (BLOCK_N, GPP, VG)), (BLOCK_N, WP))
+    else:
+        chan = (PLANE * W + offs_w)[None, :]
+        vsc = tl.broadcast_to(tl.load(VSC + grow + G0).to(tl.float16)[:, None], (BLOCK_N, WP))
+        vz = tl.broadcast_to(tl.load(VZ + grow + G0).to(tl.float16)[:, None], (BLOCK_N, WP))
+        for g in tl.static_range(G0 + 1, G1 + 1):
+            take = chan >= g * VG
+            vsc = tl.where(take, tl.load(VSC + grow + g).to(tl.float16)[:, None], vsc)
+            vz = tl.where(take, tl.load(VZ + grow + g).to(tl.float16)[:, None], vz)
+    return _fma16(codes, vsc, vz, FAST)
+
+
+@triton.jit
+def _pv(acc, p_hi, p_lo, v16, alpha, s1v):
+    pv = tl.dot(p_hi, v16, out_dtype=tl.float32) + tl.dot(p_lo, v16, out_dtype=tl.float32)
+    return acc * alpha[:, None] + pv * s1v
+
+
+@triton.jit
+def _store_plane(PACC, part_row, gmask, acc, offs_w, PLANE: tl.constexpr, W: tl.constexpr, D: tl.constexpr):
+    ptrs = PACC + part_row[:, None] * D + (PLANE * W + offs_w)[None, :]
+    tl.store(ptrs, acc, mask=gmask[:, None] & (offs_w < W)[None, :])
+
+
 @triton.jit
 def _packed_split(Q_rows, fold, KC, KSC, KZ, VC, VSC, VZ, KS1_bh, VS1_bh, pool_head, tile_lo, tile_hi,
                   PM, PL, PACC, part_row, gmask,
                   D: tl.constexpr, NB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
-                  VG: tl.constexpr, NG: tl.constexpr, BITS: tl.constexpr):
+                  VG: tl.constexpr, NG: tl.constexpr, BITS: tl.constexpr, FAST: tl.constexpr):
     """Online softmax over packed tiles [tile_lo, tile_hi) of one (sequence, KV head) in pool `BITS`.
 
-    Columns c of the unpacked tile are plane-major: c = i * WP + w is channel i * W + w (w < W), so
-    unpacking a byte of plane i is one shift by i * BITS and one mask; the byte is loaded once per
-    plane (the repeats hit L1). Products run on fp16 tensor cores with fp32 operands split hi + lo.
+    Plane by plane: byte w of a token row holds channels w + i W (i < 8 / BITS), so a tile's bytes
+    are loaded once ([W, BLOCK_N] for K, [BLOCK_N, W] for V) and unpacked into one fp16 code tile per
+    plane; the query is split the same way (plane i = channels i W .. i W + W - 1), so
+    s = sum_i (q' kscale)_i . kcode_i and acc_i += p . (vcode_i vscale + vzero), one product per
+    plane (two: fp32 operands split hi + lo). Columns past W (D = 80, 96) are masked to zero.
     """
     PW: tl.constexpr = 8 // BITS
     W: tl.constexpr = D // PW
     WP: tl.constexpr = max(16, triton.next_power_of_2(W))
-    C: tl.constexpr = PW * WP
     TPB: tl.constexpr = NB // BLOCK_N
-    MASK: tl.constexpr = (1 << BITS) - 1
-    offs_c = tl.arange(0, C)
+    offs_w = tl.max_contiguous(tl.multiple_of(tl.arange(0, WP), WP), WP)
     offs_n = tl.arange(0, BLOCK_N)
-    # DIRECT (W == WP: D = 64, 128): column c is channel c, so no mask, and V's per-group scales
-    # expand from a [BLOCK_N, NG] tile by broadcast instead of a per-element gather.
-    DIRECT: tl.constexpr = W == WP
-    VGE: tl.constexpr = min(VG, C)
-    word = tl.max_contiguous(tl.multiple_of(offs_c % WP, WP), WP)  # bytes of a plane are contiguous
-    cmask = word < W
-    chan = (offs_c // WP) * W + word
-    shift = (offs_c // WP) * BITS
-    group = chan // VG
-    offs_grp = tl.arange(0, C // VGE)
-    qf = tl.load(Q_rows[:, None] + chan[None, :], mask=gmask[:, None] & cmask[None, :], other=0.0).to(tl.float32) * fold
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_G, C], dtype=tl.float32)
+    acc0 = tl.zeros([BLOCK_G, WP], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_G, WP], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_G, WP], dtype=tl.float32)
+    acc3 = tl.zeros([BLOCK_G, WP], dtype=tl.float32)
+    qf0 = _q_plane(Q_rows, gmask, fold, offs_w, 0, W)
+    qf1 = _q_plane(Q_rows, gmask, fold, offs_w, 1, W)
+    if BITS == 2:
+        qf2 = _q_plane(Q_rows, gmask, fold, offs_w, 2, W)
+        qf3 = _q_plane(Q_rows, gmask, fold, offs_w, 3, W)
+    else:
+        qf2 = qf0
+        qf3 = qf0
     for tile in range(tile_lo, tile_hi):
         blk = tile // TPB
         pool_blk = pool_head + blk  # int64
         row0 = pool_blk * NB + (tile - blk * TPB) * BLOCK_N  # first token row of the tile in the pool
+        blk_d = pool_blk * D
         # scores: s = s1k * (sum_c (q'_c kscale_c) code_c + sum_c q'_c kzero_c)
-        ksc = tl.load(KSC + pool_blk * D + chan, mask=cmask, other=0).to(tl.float32)
-        kz = tl.load(KZ + pool_blk * D + chan, mask=cmask, other=0).to(tl.float32)
-        qs = qf * ksc[None, :]
-        qs_hi = qs.to(tl.float16)
-        qs_lo = (qs - qs_hi.to(tl.float32)).to(tl.float16)
-        if DIRECT:
-            kbytes = tl.load(KC + row0 * W + (offs_n[None, :] * W + word[:, None]))  # [C, BLOCK_N]
+        kb = _load_plane(KC + row0 * W + (offs_n[None, :] * W + offs_w[:, None]), offs_w[:, None], W, WP, 0)
+        q0h, q0l, z0 = _plane_q(qf0, KSC, KZ, blk_d, offs_w, 0, W, WP)
+        q1h, q1l, z1 = _plane_q(qf1, KSC, KZ, blk_d, offs_w, 1, W, WP)
+        if BITS == 4:
+            k0, k1 = _unpack4(kb, FAST)
+            dots = tl.dot(q0h, k0, out_dtype=tl.float32) + tl.dot(q0l, k0, out_dtype=tl.float32)
+            dots += tl.dot(q1h, k1, out_dtype=tl.float32) + tl.dot(q1l, k1, out_dtype=tl.float32)
+            zsum = z0 + z1
         else:
-            kbytes = tl.load(KC + row0 * W + (offs_n[None, :] * W + word[:, None]), mask=cmask[:, None], other=0)
-        kcode = ((kbytes >> shift[:, None]) & MASK).to(tl.int16)
-        k16 = (kcode | F16_MAGIC_CODE).to(tl.float16, bitcast=True) - 1024.0  # exact, no I2F
-        dots = tl.dot(qs_hi, k16, out_dtype=tl.float32) + tl.dot(qs_lo, k16, out_dtype=tl.float32)
-        s = (dots + tl.sum(qf * kz[None, :], axis=1)[:, None]) * tl.load(KS1_bh + blk)
+            q2h, q2l, z2 = _plane_q(qf2, KSC, KZ, blk_d, offs_w, 2, W, WP)
+            q3h, q3l, z3 = _plane_q(qf3, KSC, KZ, blk_d, offs_w, 3, W, WP)
+            k0, k1, k2, k3 = _unpack2(kb, FAST)
+            dots = tl.dot(q0h, k0, out_dtype=tl.float32) + tl.dot(q0l, k0, out_dtype=tl.float32)
+            dots += tl.dot(q1h, k1, out_dtype=tl.float32) + tl.dot(q1l, k1, out_dtype=tl.float32)
+            dots += tl.dot(q2h, k2, out_dtype=tl.float32) + tl.dot(q2l, k2, out_dtype=tl.float32)
+            dots += tl.dot(q3h, k3, out_dtype=tl.float32) + tl.dot(q3l, k3, out_dtype=tl.float32)
+            zsum = z0 + z1 + z2 + z3
+        s = (dots + zsum[:, None]) * tl.load(KS1_bh + blk)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        p_hi = p.to(tl.float16)
-        p_lo = (p - p_hi.to(tl.float32)).to(tl.float16)
-        # values: v = s1v * (code * scale + zero), integer dequant in registers, exact in fp16
-        if DIRECT:
-            vbytes = tl.load(VC + row0 * W + (offs_n[:, None] * W + word[None, :]))  # [BLOCK_N, C]
-            g_off = offs_n[:, None] * NG + offs_grp[None, :]  # [BLOCK_N, NG], NG = C // VGE here
-            vsc = tl.load(VSC + row0 * NG + g_off).to(tl.int32)
-            vz = tl.load(VZ + row0 * NG + g_off).to(tl.int32)
-            vsc = tl.reshape(tl.broadcast_to(vsc[:, :, None], (BLOCK_N, C // VGE, VGE)), (BLOCK_N, C))
-            vz = tl.reshape(tl.broadcast_to(vz[:, :, None], (BLOCK_N, C // VGE, VGE)), (BLOCK_N, C))
+        p_hi, p_lo = _split16(p)
+        # values: v = s1v * (code * scale + zero), dequantized in registers, exact in fp16
+        vb = _load_plane(VC + row0 * W + (offs_n[:, None] * W + offs_w[None, :]), offs_w[None, :], W, WP, 0)
+        grow = (row0 + offs_n) * NG
+        s1v = tl.load(VS1_bh + blk)
+        if BITS == 4:
+            v0, v1 = _unpack4(vb, FAST)
         else:
-            vbytes = tl.load(VC + row0 * W + (offs_n[:, None] * W + word[None, :]), mask=cmask[None, :], other=0)
-            g_off = offs_n[:, None] * NG + group[None, :]
-            vsc = tl.load(VSC + row0 * NG + g_off, mask=cmask[None, :], other=0).to(tl.int32)
-            vz = tl.load(VZ + row0 * NG + g_off, mask=cmask[None, :], other=0).to(tl.int32)
-        vcode = (vbytes >> shift[None, :]) & MASK
-        v16 = ((vcode * vsc + (vz + F16_MAGIC_INT)).to(tl.int16)).to(tl.float16, bitcast=True) - 1536.0
-        pv = tl.dot(p_hi, v16, out_dtype=tl.float32) + tl.dot(p_lo, v16, out_dtype=tl.float32)
-        acc = acc * alpha[:, None] + pv * tl.load(VS1_bh + blk)
+            v0, v1, v2, v3 = _unpack2(vb, FAST)
+            acc2 = _pv(acc2, p_hi, p_lo, _plane_v(v2, VSC, VZ, grow, offs_w, 2, W, WP, VG, BLOCK_N, FAST), alpha, s1v)
+            acc3 = _pv(acc3, p_hi, p_lo, _plane_v(v3, VSC, VZ, grow, offs_w, 3, W, WP, VG, BLOCK_N, FAST), alpha, s1v)
+        acc0 = _pv(acc0, p_hi, p_lo, _plane_v(v0, VSC, VZ, grow, offs_w, 0, W, WP, VG, BLOCK_N, FAST), alpha, s1v)
+        acc1 = _pv(acc1, p_hi, p_lo, _plane_v(v1, VSC, VZ, grow, offs_w, 1, W, WP, VG, BLOCK_N, FAST), alpha, s1v)
         m_i = m_new
     tl.store(PM + part_row, m_i, mask=gmask)
     tl.store(PL + part_row, l_i, mask=gmask)
-    tl.store(PACC + part_row[:, None] * D + chan[None, :], acc, mask=gmask[:, None] & cmask[None, :])
+    _store_plane(PACC, part_row, gmask, acc0, offs_w, 0, W, D)
+    _store_plane(PACC, part_row, gmask, acc1, offs_w, 1, W, D)
+    if BITS == 2:
+        _store_plane(PACC, part_row, gmask, acc2, offs_w, 2, W, D)
+        _store_plane(PACC, part_row, gmask, acc3, offs_w, 3, W, D)
 
 
 @triton.jit
@@ -407,7 +565,8 @@ def _decode_split_kernel(
         KS1, VS1, KBUF, VBUF, PM, PL, PACC, fold,
         H, H4, H2, NBLK, NUM_SPLITS, tiles_per_split,
         G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, NB: tl.constexpr,
-        BLOCK_N: tl.constexpr, VG: tl.constexpr, NG: tl.constexpr, HAS_MEAN: tl.constexpr, APPEND: tl.constexpr):
+        BLOCK_N: tl.constexpr, VG: tl.constexpr, NG: tl.constexpr, HAS_MEAN: tl.constexpr, APPEND: tl.constexpr,
+        FAST: tl.constexpr):
     """Program (s, b * H + h): packed tiles of split s (s < NUM_SPLITS) or the buffer (s == NUM_SPLITS)
     for the G query heads of KV head h, over lengths[b] + 1 tokens (the new token included).
     APPEND: the buffer program also appends k_new / v_new (a step without a flush); without it they
@@ -442,11 +601,11 @@ def _decode_split_kernel(
         if bits == 4:
             pool_head = (b.to(tl.int64) * H4 + slot) * NBLK
             _packed_split(Q_rows, fold, KC4, KSC4, KZ4, VC4, VSC4, VZ4, KS1_bh, VS1_bh, pool_head, tile_lo, tile_hi,
-                          PM, PL, PACC, part_row, gmask, D, NB, BLOCK_N, BLOCK_G, VG, NG, 4)
+                          PM, PL, PACC, part_row, gmask, D, NB, BLOCK_N, BLOCK_G, VG, NG, 4, FAST)
         else:
             pool_head = (b.to(tl.int64) * H2 + slot) * NBLK
             _packed_split(Q_rows, fold, KC2, KSC2, KZ2, VC2, VSC2, VZ2, KS1_bh, VS1_bh, pool_head, tile_lo, tile_hi,
-                          PM, PL, PACC, part_row, gmask, D, NB, BLOCK_N, BLOCK_G, VG, NG, 2)
+                          PM, PL, PACC, part_row, gmask, D, NB, BLOCK_N, BLOCK_G, VG, NG, 2, FAST)
 
 
 @triton.jit
