@@ -425,10 +425,10 @@ class TurboKVCache:
             FAST=self.device.type == "cuda",
             num_warps=self.config.decode_num_warps, num_stages=self.config.decode_num_stages)
         out = torch.empty((b, hq, 1, d), device=self.device, dtype=q.dtype)
-        chunk = max(1, REDUCE_TILE_ELEMS // (block_g * dp))
-        _decode_reduce_kernel[(b * h,)](pm, pl, pacc, out, out.stride(0), out.stride(1), self.lengths_dev, h, parts,
-                                        G=group, BLOCK_G=block_g, D=d, DP=dp, CHUNK=chunk, COMMIT=commit,
-                                        num_warps=REDUCE_NUM_WARPS)
+        chunk = min(triton.next_power_of_2(parts), max(1, REDUCE_TILE_ELEMS // dp))
+        _decode_reduce_kernel[(b * hq,)](pm, pl, pacc, out, out.stride(0), out.stride(1), self.lengths_dev, hq, parts,
+                                         D=d, DP=dp, CHUNK=chunk, COMMIT=commit,
+                                         num_warps=REDUCE_NUM_WARPS)
         if commit:
             self._lengths = new_lengths
         return out

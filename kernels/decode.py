@@ -19,16 +19,18 @@ Kernels:
   buffer, for all G = Hq / Hkv query heads of the KV head at once ([G, D] x [D, BLOCK_N] products,
   each KV tile loaded once), and writes partial (max m, sum l, acc). Per packed tile, with
   q' = q * sm_scale * log2(e):
-      s   = s1k * (sum_d (q'_d * kscale_d) code_d + sum_d q'_d * kzero_d)   (codes by shift/mask)
-      acc = acc * 2^(m - m_new) + s1v * p . (vcode * vscale + vzero)      (integer dequant in registers)
+      s   = s1k * (sum_d (q'_d * kscale_d) code_d + sum_d q'_d * kzero_d)
+      acc = acc * 2^(m - m_new) + s1v * p . (vcode * vscale + vzero)      (dequantized in registers)
+  plane by plane (byte w of a token row holds channels w + i W): each byte is loaded once and its
+  nibbles / crumbs become exact fp16 codes (CUDA: inline asm, ~1.5 instructions per code).
   Every fp32 operand of a tensor-core product (q' * kscale, p) is split hi + lo in fp16 (two
   products), so the kernel keeps ~fp32 accuracy; codes and dequantized INT8 values are exact in
   fp16. Nothing dequantized is ever written to memory. For D = 64 and 128 (a plane is a power of
   two wide) the tile needs no masks and V's per-group scales are broadcast from a [BLOCK_N, NG]
-  tile; D = 80 and 96 gather them per element (much slower on the GPU: a known gap).
-- `_decode_reduce_kernel`: program per (sequence, KV head): o = sum_s 2^(m_s - M) acc_s /
-  sum_s 2^(m_s - M) l_s for its G query heads; with COMMIT it also advances lengths[b] (so a
-  decode step needs no host synchronisation).
+  tile; for D = 80 and 96 each plane selects among its (at most three) groups' scales.
+- `_decode_reduce_kernel`: program per (sequence, query head): o = sum_s 2^(m_s - M) acc_s /
+  sum_s 2^(m_s - M) l_s; with COMMIT it also advances lengths[b] (so a decode step needs
+  no host synchronisation).
 """
 
 from __future__ import annotations
@@ -39,8 +41,9 @@ import triton.language as tl
 QUANT_NUM_WARPS = 4  # block quantization: one [n_b, D] tile per program, off the decode hot path
 APPEND_NUM_WARPS = 1
 REDUCE_NUM_WARPS = 4
-REDUCE_TILE_ELEMS = 8192  # [G, CHUNK, D] partials combined per step of the reduction loop (fp32 registers)
+REDUCE_TILE_ELEMS = 8192  # [CHUNK, D] partials combined per step of the reduction loop (fp32 registers)
 MIN_TILES_PER_SPLIT = 4  # a split shorter than this costs more in setup and partials than it saves
+TILES_PER_SPLIT = 16  # splits of about this many tiles amortize a program's fixed cost (H100 sweep)
 WAVES = 2  # programs per SM the split heuristic aims for
 INTERPRETER_SMS = 4  # no GPU: the interpreter runs programs one after another, so fewer is faster
 F16_MAGIC_CODE = tl.constexpr(0x6400)  # bits of fp16 1024.0: (0x6400 | c) is 1024 + c for 0 <= c < 1024
@@ -65,14 +68,16 @@ def decode_num_splits(max_tiles: int, batch_heads: int, num_sms: int, num_splits
 
     max_tiles: packed tiles of the longest sequence; batch_heads: B * Hkv programs per split.
     num_splits (the config's) wins when given, capped at max_tiles. Otherwise enough splits for
-    WAVES programs per SM, but at least MIN_TILES_PER_SPLIT tiles per split. 0 when no tile is
-    packed (only the buffer program runs).
+    WAVES programs per SM, or for TILES_PER_SPLIT tiles per split when that gives more (a program
+    has a fixed cost: its query, the buffer, its partial; measured on the H100 at 32k context, about
+    16 tiles of 64 tokens per program was fastest at every batch), but at least MIN_TILES_PER_SPLIT
+    tiles per split. 0 when no tile is packed (only the buffer program runs).
     """
     if max_tiles <= 0:
         return 0
     if num_splits is not None:
         return max(1, min(num_splits, max_tiles))
-    want = triton.cdiv(WAVES * num_sms, max(1, batch_heads))
+    want = max(triton.cdiv(WAVES * num_sms, max(1, batch_heads)), max_tiles // TILES_PER_SPLIT)
     most = max(1, max_tiles // MIN_TILES_PER_SPLIT)
     return max(1, min(want, most))
 
@@ -609,43 +614,39 @@ def _decode_split_kernel(
 
 
 @triton.jit
-def _decode_reduce_kernel(PM, PL, PACC, OUT, stride_ob, stride_oh, LEN, H, NUM_PARTS,
-                          G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-                          CHUNK: tl.constexpr, COMMIT: tl.constexpr):
-    """Program b * H + h: combine the partials of every split into o for the G query heads of KV
-    head h ([G, CHUNK, D] per step); COMMIT advances lengths[b] (program h == 0)."""
+def _decode_reduce_kernel(PM, PL, PACC, OUT, stride_ob, stride_oh, LEN, HQ, NUM_PARTS,
+                          D: tl.constexpr, DP: tl.constexpr, CHUNK: tl.constexpr, COMMIT: tl.constexpr):
+    """Program b * Hq + hq: combine the partials of every split into o for one query head ([CHUNK, D]
+    per step; one program per query head, so a short batch still spreads over many SMs);
+    COMMIT advances lengths[b] (program hq == 0)."""
     pid = tl.program_id(0)
-    b = pid // H
-    h = pid % H
-    offs_g = tl.arange(0, BLOCK_G)
+    b = pid // HQ
+    hq = pid % HQ
     offs_c = tl.arange(0, CHUNK)
     offs_d = tl.arange(0, DP)
-    gmask = offs_g < G
     dmask = offs_d < D
-    rows = (pid * G + offs_g).to(tl.int64) * NUM_PARTS  # partial rows of (b, h * G + g)
-    m_run = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
-    l_run = tl.zeros([BLOCK_G], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_G, DP], dtype=tl.float32)
+    row0 = pid.to(tl.int64) * NUM_PARTS  # partial rows of (b, hq)
+    m_run = tl.max(tl.full([CHUNK], float("-inf"), dtype=tl.float32), axis=0)
+    l_run = tl.sum(tl.zeros([CHUNK], dtype=tl.float32), axis=0)
+    acc = tl.zeros([DP], dtype=tl.float32)
     for start in range(0, NUM_PARTS, CHUNK):
         parts = start + offs_c
-        pmask = gmask[:, None] & (parts < NUM_PARTS)[None, :]
-        idx = rows[:, None] + parts[None, :]
-        m = tl.load(PM + idx, mask=pmask, other=float("-inf"))
-        l = tl.load(PL + idx, mask=pmask, other=0.0)
-        a = tl.load(PACC + idx[:, :, None] * D + offs_d[None, None, :], mask=pmask[:, :, None] & dmask[None, None, :],
+        pmask = parts < NUM_PARTS
+        m = tl.load(PM + row0 + parts, mask=pmask, other=float("-inf"))
+        l = tl.load(PL + row0 + parts, mask=pmask, other=0.0)
+        a = tl.load(PACC + (row0 + parts)[:, None] * D + offs_d[None, :], mask=pmask[:, None] & dmask[None, :],
                     other=0.0)
-        m_new = tl.maximum(m_run, tl.max(m, axis=1))
+        m_new = tl.maximum(m_run, tl.max(m, axis=0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        w = tl.exp2(m - m_safe[:, None])
+        w = tl.exp2(m - m_safe)
         r = tl.exp2(m_run - m_safe)
-        l_run = l_run * r + tl.sum(w * l, axis=1)
-        acc = acc * r[:, None] + tl.sum(w[:, :, None] * a, axis=1)
+        l_run = l_run * r + tl.sum(w * l, axis=0)
+        acc = acc * r + tl.sum(w[:, None] * a, axis=0)
         m_run = m_new
-    out = acc / tl.maximum(l_run, 1e-30)[:, None]
-    out = tl.where((l_run > 0)[:, None], out, 0.0)
-    hq = h * G + offs_g
-    o_ptrs = OUT + b.to(tl.int64) * stride_ob + hq.to(tl.int64)[:, None] * stride_oh + offs_d[None, :]
-    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=gmask[:, None] & dmask[None, :])
+    out = acc / tl.maximum(l_run, 1e-30)
+    out = tl.where(l_run > 0, out, 0.0)
+    o_ptrs = OUT + b.to(tl.int64) * stride_ob + hq.to(tl.int64) * stride_oh + offs_d
+    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=dmask)
     if COMMIT:
-        if h == 0:
+        if hq == 0:
             tl.store(LEN + b, tl.load(LEN + b) + 1)
