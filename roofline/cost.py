@@ -115,16 +115,33 @@ QUANT_FMA_OPS_PER_ELEMENT = 9
 QUANT_CONVERSIONS_PER_ELEMENT = 1
 SMOOTH_K_FMA_OPS_PER_ELEMENT = 5
 QUANT_INPUT_BYTES = 2  # fp16/bf16 inputs
-# decode (no decode kernel exists yet: these counts are the design's intent, to be checked against
-# it), per cached element (K or V, token x channel) of the packed cache, with packed fp16x2 math
-# (code*scale + zero is a small integer, exact in fp16): a LOP3 with a magic exponent turns two
-# codes into two fp16 values (0.5 per element), the shift that brings the next codes down (~0.5),
-# one HFMA2 applies scale and zero point to two values (0.5), the stage-1 scale another HMUL2
-# (0.5): 2 instructions per element, no conversion unit.
-DEQUANT_FMA_OPS_PER_ELEMENT = 2
+# decode, per cached element (K or V, token x channel) of the packed cache: counted in the SASS of
+# kernels/decode.py's packed loop (4-bit, D = 128, 64-token tiles, 4 warps, sm_90, Triton 3.6):
+# ~1450 instructions per warp per tile, i.e. 1450 * 128 threads / (64 tokens * 128 channels * 2)
+# = 11.3 thread-instructions per element on the integer / fp32 pipes (byte unpack, magic-number
+# fp16 codes, the scale broadcast and its int8 -> fp16 conversions, the register shuffles and
+# shared-memory round trips that feed the MMA operands): the loop is issue-bound, not memory-bound.
+DEQUANT_FMA_OPS_PER_ELEMENT = 11
+# Measured (roofline records, H100): 8 warps on 64-token tiles and 4 warps on 32-token tiles run the
+# packed loop 1.5-1.7x slower than 4 warps on 64 tokens or 2 on 32: the unpack work scales with
+# warps x 16 / BLOCK_N once that exceeds 1 (Triton splits the [16, BLOCK_N] products over the warps
+# along BLOCK_N and rebuilds the shared operands per warp).
+DECODE_MIN_COLUMNS_PER_WARP = 16
+DECODE_REPLICATION_EXPONENT = 0.5
+# The serial path of a decode step when SMs are idle (short contexts, batch 1): one program alone on
+# an SM issues its ~1450 instructions per warp per 64-token tile at about half an instruction per
+# cycle per scheduler (each step waits on the one before: load, unpack, MMA, softmax, MMA), ~3000
+# cycles per tile; the reduction kernel that follows adds its own load-and-combine latency.
+DECODE_TILE_LATENCY_CYCLES = 3000
+DECODE_REDUCE_LATENCY_S = 2e-6
 # decode, per score element: max, scale-and-subtract, row sum, select (4); P -> fp16 (0.5 packed F2F).
 DECODE_ELEMENTWISE_FMA_OPS_PER_SCORE = 4
 DECODE_CONVERSIONS_PER_SCORE = 0.5
+# torch SDPA's FLASH_ATTENTION backend is FlashAttention-2: warp-level mma.sync, no wgmma, which on
+# Hopper reaches about 62% of the dense fp16 tensor-core peak (~610 of 990 TFLOP/s in public
+# FA2-vs-FA3 measurements); cuDNN's kernels use wgmma. The measured ratio of the two backends here
+# (prefill-h100.csv: 317-340 vs 519-556 TOPS) is 0.6.
+MMA_SYNC_FRACTION = 0.62
 # tl.dot needs at least 16 rows: the Hq/Hkv query heads that share a KV head are padded to 16.
 MMA_MIN_ROWS = 16
 MMA_ROWS_PER_WARP = 16  # mma.m16n8k* on sm_80/89 and wgmma's 64 rows per 4-warp group on sm_90
@@ -161,6 +178,7 @@ MAX_THREADS_PER_BLOCK = 1024
 SATURATING_PROGRAMS_PER_SM = 2
 BUFFER_FILL_FRACTION = 0.5  # the fp16 residual buffer holds n_b/2 tokens on average between flushes
 DECODE_TARGET_PROGRAMS_PER_SM = 2  # num_splits=None: enough splits for ~2 programs per SM ...
+DECODE_TILES_PER_SPLIT = 16  # ... or about 16 tiles per split when that gives more splits ...
 DECODE_MIN_TILES_PER_SPLIT = 4  # ... but at least 4 KV tiles per split (kernels/decode.py)
 # kernels/decode.py splits every fp32 operand of a tensor-core product into fp16 hi + lo planes:
 # each product runs twice.
@@ -309,7 +327,14 @@ def resolve_config(config: Any = None) -> dict[str, Any]:
 
 
 def _config_for(kernel: str, config: Any) -> dict[str, Any]:
-    return dict(BASELINE_CONFIG) if kernel.startswith("sdpa_") else resolve_config(config)
+    """The knobs of `kernel`: the SDPA baselines take BASELINE_CONFIG plus the torch backend when the
+    config names one ({"backend": "FLASH_ATTENTION"} etc.), TurboAttention kernels resolve_config."""
+    if kernel.startswith("sdpa_"):
+        knobs = dict(BASELINE_CONFIG)
+        backend = config.get("backend") if isinstance(config, Mapping) else None
+        knobs["backend"] = str(backend).upper() if backend else None
+        return knobs
+    return resolve_config(config)
 
 
 def num_low_bit_heads(num_kv_heads: int, bit_mix: float) -> int:
@@ -320,7 +345,7 @@ def num_low_bit_heads(num_kv_heads: int, bit_mix: float) -> int:
 def decode_num_splits(shape: AttentionShape, config: Any, gpu: "str | GPUSpec") -> int:
     """Splits of the packed context per (sequence, KV head), as kernels.decode.decode_num_splits
     chooses them: tiles = (ctx // n_b) * (n_b // decode_block_n) packed tiles; config.num_splits
-    capped at tiles, else min(ceil(2 * SMs / (B * Hkv)), tiles // 4), at least 1; then evened out
+    capped at tiles, else min(max(ceil(2 * SMs / (B * Hkv)), tiles // 16), tiles // 4), at least 1; then evened out
     (ceil(tiles / ceil(tiles / splits))). The fp16 baseline splits ctx / decode_block_n tiles alike."""
     shape = _as_shape(shape)
     knobs = resolve_config(config)
@@ -332,7 +357,8 @@ def decode_num_splits(shape: AttentionShape, config: Any, gpu: "str | GPUSpec") 
     if knobs["num_splits"] is not None:
         splits = max(1, min(knobs["num_splits"], tiles))
     else:
-        want = math.ceil(DECODE_TARGET_PROGRAMS_PER_SM * gpu.sm_count / (shape.batch * shape.num_kv_heads))
+        want = max(math.ceil(DECODE_TARGET_PROGRAMS_PER_SM * gpu.sm_count / (shape.batch * shape.num_kv_heads)),
+                   tiles // DECODE_TILES_PER_SPLIT)
         splits = max(1, min(want, tiles // DECODE_MIN_TILES_PER_SPLIT))
     return math.ceil(tiles / math.ceil(tiles / splits))
 
@@ -625,11 +651,17 @@ def _decode_cost(kernel: str, shape: AttentionShape, knobs: dict, gpu: GPUSpec) 
 
     exps = tiles_total * bn * rows
     products = tiles_total * bn * rows * dp * 4 * passes
+    # a warp's share of the [rows, BLOCK_N] score tile is at least DECODE_MIN_COLUMNS_PER_WARP columns:
+    # with more warps than BLOCK_N / that, the unpacked operands are built once per warp that needs them
+    replication = max(1.0, knobs["decode_num_warps"] * DECODE_MIN_COLUMNS_PER_WARP / bn) ** DECODE_REPLICATION_EXPONENT
     sas = knobs["sas_fma_fraction"] if (turbo and knobs["use_sas"]) else 0.0
     sfu = exps * (1.0 - sas) + exps * sas * SAS_CONVERSIONS_PER_EXP + exps * DECODE_CONVERSIONS_PER_SCORE
     fma = (exps * DECODE_ELEMENTWISE_FMA_OPS_PER_SCORE + exps * sas * SAS_FMA_OPS_PER_EXP
-           + tiles_total * rows * dp + (2 * b * hkv * quantized * dp * DEQUANT_FMA_OPS_PER_ELEMENT if turbo else 0))
+           + tiles_total * rows * dp
+           + (2 * b * hkv * quantized * dp * DEQUANT_FMA_OPS_PER_ELEMENT * replication if turbo else 0))
+    tiles_per_split = math.ceil(math.ceil(quantized / bn) / max(1, splits)) if turbo else 0
     details = {"cache_bytes": cache, "partial_bytes": partials, "num_splits": splits, "rows_per_program": rows,
+               "tiles_per_split": tiles_per_split, "replication": replication,
                "tokens_quantized": quantized, "tokens_buffered": buffered, "low_bit_heads": n_low}
     return Cost(kernel=kernel, flops=4.0 * b * hq * ctx * d, flops_by_unit=_units(fp16_tc=products, sfu=sfu, fma=fma),
                 bytes_read=bytes_read, bytes_written=bytes_written, l2_bytes=bytes_read + bytes_written, exps=exps,
@@ -712,6 +744,7 @@ class Prediction:
     resources: ResourceUsage
     cost: Cost
     source: str  # "datasheet" | "measured": which ceilings the roof times use
+    critical_path_s: float = 0.0  # a floor: the serial latency of one program plus the launches (decode)
 
     @property
     def time_ms(self) -> float:
@@ -732,8 +765,9 @@ class Prediction:
         eff = dict(self.efficiency)
         eff.update(efficiency_for(self.kernel, efficiency, partial=True))
         times = {r: (self.ideal_roof_times[r] / eff[r] if self.ideal_roof_times[r] else 0.0) for r in ROOFS}
-        return combine_roof_times(times, self.compute_overlap, self.memory_overlap, self.loop_overhead_s,
-                                  self.wave_efficiency, self.launch_overhead_s)
+        return max(self.critical_path_s, combine_roof_times(times, self.compute_overlap, self.memory_overlap,
+                                                            self.loop_overhead_s, self.wave_efficiency,
+                                                            self.launch_overhead_s))
 
 
 def check_efficiency_key(key: str) -> str:
@@ -826,6 +860,8 @@ def predict(kernel: str, shape: Any, config: Any = None, gpu: "str | GPUSpec" = 
 
     if kernel in ("prefill", "sdpa_prefill_fp16"):
         tc_util = min(1.0, knobs["block_m"] / (MMA_ROWS_PER_WARP * knobs["num_warps"]))
+        if kernel == "sdpa_prefill_fp16" and "FLASH" in (knobs.get("backend") or ""):
+            tc_util *= MMA_SYNC_FRACTION  # torch's flash backend (FlashAttention-2) issues mma.sync
         stages = knobs["num_stages"]
     elif kernel in ("decode", "sdpa_decode_fp16"):
         tc_util = 1.0
@@ -856,6 +892,15 @@ def predict(kernel: str, shape: Any, config: Any = None, gpu: "str | GPUSpec" = 
     wave_eff = cost.programs / (waves * concurrent)
     launch_s = LAUNCH_OVERHEAD_S + (cost.launches - 1) * INTER_KERNEL_GAP_S
     time_s = combine_roof_times(times, compute_overlap, memory_overlap, loop_s, wave_eff, launch_s)
+    critical_s = 0.0
+    if kernel == "decode":
+        # however many SMs are free, a split program runs its tiles one after another
+        tiles_per_split = cost.details["tiles_per_split"]
+        warp_share = (knobs["decode_block_n"] / 64) * (4 / knobs["decode_num_warps"])  # a warp's elements per tile
+        tile_cycles = DECODE_TILE_LATENCY_CYCLES * warp_share * cost.details["replication"]
+        critical_s = (launch_s + DECODE_REDUCE_LATENCY_S
+                      + (PROGRAM_OVERHEAD_CYCLES + tiles_per_split * tile_cycles) / gpu.clock_hz)
+        time_s = max(time_s, critical_s)
     compute_times = [times[r] for r in COMPUTE_ROOFS]
     compute_phase = max(compute_times) + (1.0 - compute_overlap) * (sum(compute_times) - max(compute_times))
     bound = "memory" if times["memory"] >= compute_phase else max(COMPUTE_ROOFS, key=lambda r: times[r])
@@ -865,4 +910,5 @@ def predict(kernel: str, shape: Any, config: Any = None, gpu: "str | GPUSpec" = 
                       ideal_roof_times=ideal, efficiency=efficiency, intensity=cost.intensity, flops=cost.flops,
                       bytes=cost.bytes, programs=cost.programs, concurrent_programs=concurrent, waves=waves,
                       wave_efficiency=wave_eff, compute_overlap=compute_overlap, memory_overlap=memory_overlap,
-                      loop_overhead_s=loop_s, launch_overhead_s=launch_s, resources=use, cost=cost, source=source)
+                      loop_overhead_s=loop_s, launch_overhead_s=launch_s, resources=use, cost=cost, source=source,
+                      critical_path_s=critical_s)
