@@ -121,6 +121,8 @@ QUANT_INPUT_BYTES = 2  # fp16/bf16 inputs
 # = 11.3 thread-instructions per element on the integer / fp32 pipes (byte unpack, magic-number
 # fp16 codes, the scale broadcast and its int8 -> fp16 conversions, the register shuffles and
 # shared-memory round trips that feed the MMA operands): the loop is issue-bound, not memory-bound.
+# Counted over the real channels D: the D = 96 loop (two 48-byte planes, scales selected per plane)
+# is 1200 instructions per warp per tile against 1462 for D = 128 (0.82; 96 / 128 = 0.75).
 DEQUANT_FMA_OPS_PER_ELEMENT = 11
 # Measured (roofline records, H100): 8 warps on 64-token tiles and 4 warps on 32-token tiles run the
 # packed loop 1.5-1.7x slower than 4 warps on 64 tokens or 2 on 32: the unpack work scales with
@@ -134,6 +136,10 @@ DECODE_REPLICATION_EXPONENT = 0.5
 # cycles per tile; the reduction kernel that follows adds its own load-and-combine latency.
 DECODE_TILE_LATENCY_CYCLES = 3000
 DECODE_REDUCE_LATENCY_S = 2e-6
+# The shortest SDPA decode step measured on the H100 (cuDNN, B=1, 4k context, CUDA graph) is ~14 us
+# for ~4 us of DRAM traffic: two dependent kernels' launch and load latency, about 10 us past launch.
+SDPA_DECODE_LATENCY_S = 10e-6
+SDPA_FLASH_DECODE_LATENCY_S = 16e-6  # FlashAttention-2's shortest step there: ~21 us
 # decode, per score element: max, scale-and-subtract, row sum, select (4); P -> fp16 (0.5 packed F2F).
 DECODE_ELEMENTWISE_FMA_OPS_PER_SCORE = 4
 DECODE_CONVERSIONS_PER_SCORE = 0.5
@@ -658,7 +664,7 @@ def _decode_cost(kernel: str, shape: AttentionShape, knobs: dict, gpu: GPUSpec) 
     sfu = exps * (1.0 - sas) + exps * sas * SAS_CONVERSIONS_PER_EXP + exps * DECODE_CONVERSIONS_PER_SCORE
     fma = (exps * DECODE_ELEMENTWISE_FMA_OPS_PER_SCORE + exps * sas * SAS_FMA_OPS_PER_EXP
            + tiles_total * rows * dp
-           + (2 * b * hkv * quantized * dp * DEQUANT_FMA_OPS_PER_ELEMENT * replication if turbo else 0))
+           + (2 * b * hkv * quantized * d * DEQUANT_FMA_OPS_PER_ELEMENT * replication if turbo else 0))
     tiles_per_split = math.ceil(math.ceil(quantized / bn) / max(1, splits)) if turbo else 0
     details = {"cache_bytes": cache, "partial_bytes": partials, "num_splits": splits, "rows_per_program": rows,
                "tiles_per_split": tiles_per_split, "replication": replication,
@@ -890,6 +896,12 @@ def predict(kernel: str, shape: Any, config: Any = None, gpu: "str | GPUSpec" = 
     concurrent = gpu.sm_count * max(1, min(use.blocks_per_sm, SATURATING_PROGRAMS_PER_SM))
     waves = math.ceil(cost.programs / concurrent)
     wave_eff = cost.programs / (waves * concurrent)
+    if kernel == "sdpa_decode_fp16":
+        # cuDNN's and FlashAttention's split-KV decode size their grid to the GPU (their own split
+        # heuristics, not kernels/decode.py's) and stream the cache: no partial last wave, and their
+        # per-tile bookkeeping hides under the loads
+        wave_eff = 1.0
+        loop_s = 0.0
     launch_s = LAUNCH_OVERHEAD_S + (cost.launches - 1) * INTER_KERNEL_GAP_S
     time_s = combine_roof_times(times, compute_overlap, memory_overlap, loop_s, wave_eff, launch_s)
     critical_s = 0.0
@@ -900,6 +912,11 @@ def predict(kernel: str, shape: Any, config: Any = None, gpu: "str | GPUSpec" = 
         tile_cycles = DECODE_TILE_LATENCY_CYCLES * warp_share * cost.details["replication"]
         critical_s = (launch_s + DECODE_REDUCE_LATENCY_S
                       + (PROGRAM_OVERHEAD_CYCLES + tiles_per_split * tile_cycles) / gpu.clock_hz)
+        time_s = max(time_s, critical_s)
+    elif kernel == "sdpa_decode_fp16":
+        # a split-KV step is two dependent kernels (split, combine), each with its load latency
+        flash = "FLASH" in (knobs.get("backend") or "")
+        critical_s = launch_s + (SDPA_FLASH_DECODE_LATENCY_S if flash else SDPA_DECODE_LATENCY_S)
         time_s = max(time_s, critical_s)
     compute_times = [times[r] for r in COMPUTE_ROOFS]
     compute_phase = max(compute_times) + (1.0 - compute_overlap) * (sum(compute_times) - max(compute_times))
