@@ -422,7 +422,7 @@ class TurboKVCache:
             *self._state_args(), pm, pl, pacc, scale * R.LOG2E, *self._head_args(), splits, per_split,
             G=group, BLOCK_G=block_g, D=d, DP=dp, NB=nb, BLOCK_N=self.decode_block_n,
             VG=self.config.v_group, NG=self.num_v_groups, HAS_MEAN=self.k_mean is not None, APPEND=not flush,
-            FAST=self.device.type == "cuda",
+            FAST=self.device.type == "cuda", PV_HILO=q.dtype == torch.float32,
             num_warps=self.config.decode_num_warps, num_stages=self.config.decode_num_stages)
         out = torch.empty((b, hq, 1, d), device=self.device, dtype=q.dtype)
         chunk = min(triton.next_power_of_2(parts), max(1, REDUCE_TILE_ELEMS // dp))

@@ -23,9 +23,10 @@ Kernels:
       acc = acc * 2^(m - m_new) + s1v * p . (vcode * vscale + vzero)      (dequantized in registers)
   plane by plane (byte w of a token row holds channels w + i W): each byte is loaded once and its
   nibbles / crumbs become exact fp16 codes (CUDA: inline asm, ~1.5 instructions per code).
-  Every fp32 operand of a tensor-core product (q' * kscale, p) is split hi + lo in fp16 (two
-  products), so the kernel keeps ~fp32 accuracy; codes and dequantized INT8 values are exact in
-  fp16. Nothing dequantized is ever written to memory. For D = 64 and 128 (a plane is a power of
+  The fp32 operands of the tensor-core products are split hi + lo in fp16 (two products): always
+  q' * kscale (scores feed exp2), and p when q is fp32, so the kernel keeps ~fp32 accuracy there;
+  with fp16/bf16 q (output rounded to 2^-11 / 2^-8 anyway) p goes in as one fp16 operand (relative
+  error 2^-12 per probability, one product). Codes and dequantized INT8 values are exact in fp16. Nothing dequantized is ever written to memory. For D = 64 and 128 (a plane is a power of
   two wide) the tile needs no masks and V's per-group scales are broadcast from a [BLOCK_N, NG]
   tile; for D = 80 and 96 each plane selects among its (at most three) groups' scales.
 - `_decode_reduce_kernel`: program per (sequence, query head): o = sum_s 2^(m_s - M) acc_s /
@@ -402,8 +403,10 @@ def _plane_v(codes, VSC, VZ, grow, offs_w, PLANE: tl.constexpr, W: tl.constexpr,
 
 
 @triton.jit
-def _pv(acc, p_hi, p_lo, v16, alpha, s1v):
-    pv = tl.dot(p_hi, v16, out_dtype=tl.float32) + tl.dot(p_lo, v16, out_dtype=tl.float32)
+def _pv(acc, p_hi, p_lo, v16, alpha, s1v, PV_HILO: tl.constexpr):
+    pv = tl.dot(p_hi, v16, out_dtype=tl.float32)
+    if PV_HILO:
+        pv += tl.dot(p_lo, v16, out_dtype=tl.float32)
     return acc * alpha[:, None] + pv * s1v
 
 
@@ -417,7 +420,8 @@ def _store_plane(PACC, part_row, gmask, acc, offs_w, PLANE: tl.constexpr, W: tl.
 def _packed_split(Q_rows, fold, KC, KSC, KZ, VC, VSC, VZ, KS1_bh, VS1_bh, pool_head, tile_lo, tile_hi,
                   PM, PL, PACC, part_row, gmask,
                   D: tl.constexpr, NB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
-                  VG: tl.constexpr, NG: tl.constexpr, BITS: tl.constexpr, FAST: tl.constexpr):
+                  VG: tl.constexpr, NG: tl.constexpr, BITS: tl.constexpr, FAST: tl.constexpr,
+                  PV_HILO: tl.constexpr):
     """Online softmax over packed tiles [tile_lo, tile_hi) of one (sequence, KV head) in pool `BITS`.
 
     Plane by plane: byte w of a token row holds channels w + i W (i < 8 / BITS), so a tile's bytes
@@ -483,10 +487,10 @@ def _packed_split(Q_rows, fold, KC, KSC, KZ, VC, VSC, VZ, KS1_bh, VS1_bh, pool_h
             v0, v1 = _unpack4(vb, FAST)
         else:
             v0, v1, v2, v3 = _unpack2(vb, FAST)
-            acc2 = _pv(acc2, p_hi, p_lo, _plane_v(v2, VSC, VZ, grow, offs_w, 2, W, WP, VG, BLOCK_N, FAST), alpha, s1v)
-            acc3 = _pv(acc3, p_hi, p_lo, _plane_v(v3, VSC, VZ, grow, offs_w, 3, W, WP, VG, BLOCK_N, FAST), alpha, s1v)
-        acc0 = _pv(acc0, p_hi, p_lo, _plane_v(v0, VSC, VZ, grow, offs_w, 0, W, WP, VG, BLOCK_N, FAST), alpha, s1v)
-        acc1 = _pv(acc1, p_hi, p_lo, _plane_v(v1, VSC, VZ, grow, offs_w, 1, W, WP, VG, BLOCK_N, FAST), alpha, s1v)
+            acc2 = _pv(acc2, p_hi, p_lo, _plane_v(v2, VSC, VZ, grow, offs_w, 2, W, WP, VG, BLOCK_N, FAST), alpha, s1v, PV_HILO)
+            acc3 = _pv(acc3, p_hi, p_lo, _plane_v(v3, VSC, VZ, grow, offs_w, 3, W, WP, VG, BLOCK_N, FAST), alpha, s1v, PV_HILO)
+        acc0 = _pv(acc0, p_hi, p_lo, _plane_v(v0, VSC, VZ, grow, offs_w, 0, W, WP, VG, BLOCK_N, FAST), alpha, s1v, PV_HILO)
+        acc1 = _pv(acc1, p_hi, p_lo, _plane_v(v1, VSC, VZ, grow, offs_w, 1, W, WP, VG, BLOCK_N, FAST), alpha, s1v, PV_HILO)
         m_i = m_new
     tl.store(PM + part_row, m_i, mask=gmask)
     tl.store(PL + part_row, l_i, mask=gmask)
@@ -571,7 +575,7 @@ def _decode_split_kernel(
         H, H4, H2, NBLK, NUM_SPLITS, tiles_per_split,
         G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, NB: tl.constexpr,
         BLOCK_N: tl.constexpr, VG: tl.constexpr, NG: tl.constexpr, HAS_MEAN: tl.constexpr, APPEND: tl.constexpr,
-        FAST: tl.constexpr):
+        FAST: tl.constexpr, PV_HILO: tl.constexpr):
     """Program (s, b * H + h): packed tiles of split s (s < NUM_SPLITS) or the buffer (s == NUM_SPLITS)
     for the G query heads of KV head h, over lengths[b] + 1 tokens (the new token included).
     APPEND: the buffer program also appends k_new / v_new (a step without a flush); without it they
@@ -606,11 +610,11 @@ def _decode_split_kernel(
         if bits == 4:
             pool_head = (b.to(tl.int64) * H4 + slot) * NBLK
             _packed_split(Q_rows, fold, KC4, KSC4, KZ4, VC4, VSC4, VZ4, KS1_bh, VS1_bh, pool_head, tile_lo, tile_hi,
-                          PM, PL, PACC, part_row, gmask, D, NB, BLOCK_N, BLOCK_G, VG, NG, 4, FAST)
+                          PM, PL, PACC, part_row, gmask, D, NB, BLOCK_N, BLOCK_G, VG, NG, 4, FAST, PV_HILO)
         else:
             pool_head = (b.to(tl.int64) * H2 + slot) * NBLK
             _packed_split(Q_rows, fold, KC2, KSC2, KZ2, VC2, VSC2, VZ2, KS1_bh, VS1_bh, pool_head, tile_lo, tile_hi,
-                          PM, PL, PACC, part_row, gmask, D, NB, BLOCK_N, BLOCK_G, VG, NG, 2, FAST)
+                          PM, PL, PACC, part_row, gmask, D, NB, BLOCK_N, BLOCK_G, VG, NG, 2, FAST, PV_HILO)
 
 
 @triton.jit
