@@ -48,6 +48,7 @@ TILES_PER_SPLIT = 16  # splits of about this many tiles amortize a program's fix
 WAVES = 2  # programs per SM the split heuristic aims for
 INTERPRETER_SMS = 4  # no GPU: the interpreter runs programs one after another, so fewer is faster
 F16_MAGIC_CODE = tl.constexpr(0x6400)  # bits of fp16 1024.0: (0x6400 | c) is 1024 + c for 0 <= c < 1024
+F16_MAGIC_INT = tl.constexpr(0x6600)  # bits of fp16 1536.0: 0x6600 + x is 1536 + x for -512 <= x < 512
 
 
 # ----------------------------------------------------------------------------- heuristics
@@ -375,6 +376,15 @@ def _plane_q(qf, KSC, KZ, blk_d, offs_w, PLANE: tl.constexpr, W: tl.constexpr, W
 
 
 @triton.jit
+def _scales16(x):
+    """int8 scales or zero points -> exact fp16 without the conversion unit: the fp16 bits of
+    1536 + x are 0x6600 + x for -512 <= x < 512. The compiler expands the [BLOCK_N, groups] tile to
+    every element of the code tile before converting; an I2F per element (a quarter of the ALU
+    rate) was the largest cost of the loop, an integer add and an fp16 subtract are not."""
+    return (x.to(tl.int16) + F16_MAGIC_INT).to(tl.float16, bitcast=True) - 1536.0
+
+
+@triton.jit
 def _plane_v(codes, VSC, VZ, grow, offs_w, PLANE: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
              VG: tl.constexpr, BLOCK_N: tl.constexpr, FAST: tl.constexpr):
     """Dequantize one plane of V codes [BLOCK_N, WP] to exact INT8-stage values in fp16:
@@ -387,18 +397,18 @@ def _plane_v(codes, VSC, VZ, grow, offs_w, PLANE: tl.constexpr, W: tl.constexpr,
     if (W % VG == 0) and (W == WP):
         GPP: tl.constexpr = W // VG
         g_off = grow[:, None] + G0 + tl.arange(0, GPP)[None, :]
-        vsc = tl.load(VSC + g_off).to(tl.float16)
-        vz = tl.load(VZ + g_off).to(tl.float16)
+        vsc = _scales16(tl.load(VSC + g_off))
+        vz = _scales16(tl.load(VZ + g_off))
         vsc = tl.reshape(tl.broadcast_to(vsc[:, :, None], (BLOCK_N, GPP, VG)), (BLOCK_N, WP))
         vz = tl.reshape(tl.broadcast_to(vz[:, :, None], (BLOCK_N, GPP, VG)), (BLOCK_N, WP))
     else:
         chan = (PLANE * W + offs_w)[None, :]
-        vsc = tl.broadcast_to(tl.load(VSC + grow + G0).to(tl.float16)[:, None], (BLOCK_N, WP))
-        vz = tl.broadcast_to(tl.load(VZ + grow + G0).to(tl.float16)[:, None], (BLOCK_N, WP))
+        vsc = tl.broadcast_to(_scales16(tl.load(VSC + grow + G0))[:, None], (BLOCK_N, WP))
+        vz = tl.broadcast_to(_scales16(tl.load(VZ + grow + G0))[:, None], (BLOCK_N, WP))
         for g in tl.static_range(G0 + 1, G1 + 1):
             take = chan >= g * VG
-            vsc = tl.where(take, tl.load(VSC + grow + g).to(tl.float16)[:, None], vsc)
-            vz = tl.where(take, tl.load(VZ + grow + g).to(tl.float16)[:, None], vz)
+            vsc = tl.where(take, _scales16(tl.load(VSC + grow + g))[:, None], vsc)
+            vz = tl.where(take, _scales16(tl.load(VZ + grow + g))[:, None], vz)
     return _fma16(codes, vsc, vz, FAST)
 
 
