@@ -39,6 +39,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .sas import int_to_float_exact
+
 QUANT_NUM_WARPS = 4  # block quantization: one [n_b, D] tile per program, off the decode hot path
 APPEND_NUM_WARPS = 1
 REDUCE_NUM_WARPS = 4
@@ -369,8 +371,9 @@ def _q_plane(Q_rows, gmask, fold, offs_w, PLANE: tl.constexpr, W: tl.constexpr):
 def _plane_q(qf, KSC, KZ, blk_d, offs_w, PLANE: tl.constexpr, W: tl.constexpr, WP: tl.constexpr):
     """The block's scaled query plane: (q' kscale) hi, lo [BLOCK_G, WP] and sum q' kzero."""
     chan = PLANE * W + offs_w
-    ksc = _load_plane(KSC + blk_d + chan, offs_w, W, WP, 0).to(tl.float32)
-    kz = _load_plane(KZ + blk_d + chan, offs_w, W, WP, 0).to(tl.float32)
+    # int8 -> fp32 on the ALU (the compiler expands ksc, kz over the query rows before converting)
+    ksc = int_to_float_exact(_load_plane(KSC + blk_d + chan, offs_w, W, WP, 0).to(tl.int32))
+    kz = int_to_float_exact(_load_plane(KZ + blk_d + chan, offs_w, W, WP, 0).to(tl.int32))
     hi, lo = _split16(qf * ksc[None, :])
     return hi, lo, tl.sum(qf * kz[None, :], axis=1)
 
