@@ -123,7 +123,10 @@ QUANT_INPUT_BYTES = 2  # fp16/bf16 inputs
 # shared-memory round trips that feed the MMA operands): the loop is issue-bound, not memory-bound.
 # Counted over the real channels D: the D = 96 loop (two 48-byte planes, scales selected per plane)
 # is 1200 instructions per warp per tile against 1462 for D = 128 (0.82; 96 / 128 = 0.75).
-DEQUANT_FMA_OPS_PER_ELEMENT = 11
+DEQUANT_FMA_OPS_PER_ELEMENT = 12
+# The 2-bit loop (four planes, a scale tile per plane) is 1789 instructions per warp per tile against
+# 1536 for 4 bits (Triton 3.6 SASS at commit 59bb802, both after the scale conversions left I2F): x 1.16.
+DEQUANT_FMA_OPS_PER_ELEMENT_2BIT = 12 * 1789 / 1536
 # Measured (roofline records, H100): 8 warps on 64-token tiles and 4 warps on 32-token tiles run the
 # packed loop 1.5-1.7x slower than 4 warps on 64 tokens or 2 on 32: the unpack work scales with
 # warps x 16 / BLOCK_N once that exceeds 1 (Triton splits the [16, BLOCK_N] products over the warps
@@ -397,7 +400,7 @@ def resource_usage(kernel: str, config: Any, gpu: "str | GPUSpec", head_dim: int
              + 4*Bd*ceil(Dp/v_group) [V scale/zero]) + 4*Bd*Dp [dequantized fp16 K, V tiles]
              + 32*Dp [fp16 Q, 16 rows] + 1 KiB   (fp16 baseline: stages * 4*Bd*Dp + 32*Dp + 1 KiB)
       regs/thread = ceil((16*Dp + 16*Bd + Bd*Dp [fp16 K, V tiles, 2 per register]) / threads) + 32
-    quantize: 4 warps, a Br x Dp fp16 tile in registers, 1 KiB of smem for the reductions.
+    quantize: 4 warps, a Bc x Dp fp32 tile in registers, Bc*Dp bytes of smem (V transposed) + 1 KiB.
     blocks/SM = min(max blocks, max threads / threads, regs_per_sm / (regs rounded up to 8 * threads),
                     smem per SM / smem).
     """
@@ -425,8 +428,10 @@ def resource_usage(kernel: str, config: Any, gpu: "str | GPUSpec", head_dim: int
         live_regs = MMA_MIN_ROWS * dp + MMA_MIN_ROWS * bn + bn * dp
     else:  # quantize
         threads = 32 * QUANT_NUM_WARPS
-        breakdown = {"reductions": 0, "reserved": RESERVED_SMEM_PER_BLOCK}
-        live_regs = max(knobs["block_m"], knobs["block_n"]) * dp / 2
+        # kernels/quant.py: a [Bc, Dp] tile of K, then of V, in fp32 (one value per register), and
+        # the V codes transposed through shared memory for the K-major store
+        breakdown = {"v_transpose": knobs["block_n"] * dp, "reserved": RESERVED_SMEM_PER_BLOCK}
+        live_regs = knobs["block_n"] * dp
     smem = int(sum(breakdown.values()))
     regs = int(math.ceil(live_regs / threads)) + REGISTER_BASE_PER_THREAD
     regs_alloc = 8 * math.ceil(min(regs, MAX_REGS_PER_THREAD) / 8)
@@ -664,7 +669,8 @@ def _decode_cost(kernel: str, shape: AttentionShape, knobs: dict, gpu: GPUSpec) 
     sfu = exps * (1.0 - sas) + exps * sas * SAS_CONVERSIONS_PER_EXP + exps * DECODE_CONVERSIONS_PER_SCORE
     fma = (exps * DECODE_ELEMENTWISE_FMA_OPS_PER_SCORE + exps * sas * SAS_FMA_OPS_PER_EXP
            + tiles_total * rows * dp
-           + (2 * b * hkv * quantized * d * DEQUANT_FMA_OPS_PER_ELEMENT * replication if turbo else 0))
+           + (2 * b * quantized * d * replication * ((hkv - n_low) * DEQUANT_FMA_OPS_PER_ELEMENT
+                                                        + n_low * DEQUANT_FMA_OPS_PER_ELEMENT_2BIT) if turbo else 0))
     tiles_per_split = math.ceil(math.ceil(quantized / bn) / max(1, splits)) if turbo else 0
     details = {"cache_bytes": cache, "partial_bytes": partials, "num_splits": splits, "rows_per_program": rows,
                "tiles_per_split": tiles_per_split, "replication": replication,
