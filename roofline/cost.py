@@ -400,7 +400,7 @@ def resource_usage(kernel: str, config: Any, gpu: "str | GPUSpec", head_dim: int
              + 4*Bd*ceil(Dp/v_group) [V scale/zero]) + 4*Bd*Dp [dequantized fp16 K, V tiles]
              + 32*Dp [fp16 Q, 16 rows] + 1 KiB   (fp16 baseline: stages * 4*Bd*Dp + 32*Dp + 1 KiB)
       regs/thread = ceil((16*Dp + 16*Bd + Bd*Dp [fp16 K, V tiles, 2 per register]) / threads) + 32
-    quantize: 4 warps, a Bc x Dp fp32 tile in registers, Bc*Dp bytes of smem (V transposed) + 1 KiB.
+    quantize: 4 warps, a Br x Dp fp16 tile in registers, 1 KiB of smem for the reductions.
     blocks/SM = min(max blocks, max threads / threads, regs_per_sm / (regs rounded up to 8 * threads),
                     smem per SM / smem).
     """
@@ -428,10 +428,8 @@ def resource_usage(kernel: str, config: Any, gpu: "str | GPUSpec", head_dim: int
         live_regs = MMA_MIN_ROWS * dp + MMA_MIN_ROWS * bn + bn * dp
     else:  # quantize
         threads = 32 * QUANT_NUM_WARPS
-        # kernels/quant.py: a [Bc, Dp] tile of K, then of V, in fp32 (one value per register), and
-        # the V codes transposed through shared memory for the K-major store
-        breakdown = {"v_transpose": knobs["block_n"] * dp, "reserved": RESERVED_SMEM_PER_BLOCK}
-        live_regs = knobs["block_n"] * dp
+        breakdown = {"reductions": 0, "reserved": RESERVED_SMEM_PER_BLOCK}
+        live_regs = max(knobs["block_m"], knobs["block_n"]) * dp / 2
     smem = int(sum(breakdown.values()))
     regs = int(math.ceil(live_regs / threads)) + REGISTER_BASE_PER_THREAD
     regs_alloc = 8 * math.ceil(min(regs, MAX_REGS_PER_THREAD) / 8)
