@@ -27,14 +27,16 @@ import triton.language as tl
 from .reference import LOG2E
 
 STATS_CHUNK = 256  # rows per program of the statistics pass
-STATS_SUB = 64  # rows per load inside it
+STATS_SUB = 64  # rows per load inside it (Q: one fp32 running-max tile of this many rows)
+STATS_SUB_K = 32  # K: three fp32 running tiles (sum, max, min) of this many rows
 QUANT_NUM_WARPS = 4
 
 
 @triton.jit
 def _channel_stats_kernel(Qx, Kx, QPART, KPART, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                           HQ, HKV, n_q_rows, n_k_rows, n_q_programs, n_chunks_q, n_chunks_k,
-                          CHUNK: tl.constexpr, SUB: tl.constexpr, DP: tl.constexpr, D: tl.constexpr):
+                          CHUNK: tl.constexpr, SUB: tl.constexpr, SUB_K: tl.constexpr, DP: tl.constexpr,
+                          D: tl.constexpr):
     """Program (chunk, head): max|q| per channel of a Q chunk, or sum / max / min per channel of a K chunk.
 
     Heads 0 .. B*Hq-1 are Q's, the rest K's, so one launch serves both tensors.
@@ -49,33 +51,35 @@ def _channel_stats_kernel(Qx, Kx, QPART, KPART, stride_qb, stride_qh, stride_qn,
             b = pid_h // HQ
             h = pid_h % HQ
             base = Qx + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-            acc_abs = tl.zeros([DP], dtype=tl.float32)
+            # elementwise running max over the chunk, one cross-thread reduction at the end
+            acc_abs = tl.zeros([SUB, DP], dtype=tl.float32)
             for start in range(pid_c * CHUNK, pid_c * CHUNK + CHUNK, SUB):
                 offs_n = start + tl.arange(0, SUB)
                 mask = (offs_n[:, None] < n_q_rows) & dmask[None, :]
                 x = tl.load(base + offs_n[:, None].to(tl.int64) * stride_qn + offs_d[None, :], mask=mask, other=0.0)
-                acc_abs = tl.maximum(acc_abs, tl.max(tl.abs(x.to(tl.float32)), axis=0))
-            tl.store(QPART + (pid_h.to(tl.int64) * n_chunks_q + pid_c) * DP + offs_d, acc_abs)
+                acc_abs = tl.maximum(acc_abs, tl.abs(x.to(tl.float32)))
+            tl.store(QPART + (pid_h.to(tl.int64) * n_chunks_q + pid_c) * DP + offs_d, tl.max(acc_abs, axis=0))
     else:
         if pid_c < n_chunks_k:
             kh = pid_h - n_q_programs
             b = kh // HKV
             h = kh % HKV
             base = Kx + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
-            acc_sum = tl.zeros([DP], dtype=tl.float32)
-            acc_max = tl.full([DP], float("-inf"), dtype=tl.float32)
-            acc_min = tl.full([DP], float("inf"), dtype=tl.float32)
-            for start in range(pid_c * CHUNK, pid_c * CHUNK + CHUNK, SUB):
-                offs_n = start + tl.arange(0, SUB)
+            # elementwise running sum / max / min over the chunk, reduced across threads once at the end
+            acc_sum = tl.zeros([SUB_K, DP], dtype=tl.float32)
+            acc_max = tl.full([SUB_K, DP], float("-inf"), dtype=tl.float32)
+            acc_min = tl.full([SUB_K, DP], float("inf"), dtype=tl.float32)
+            for start in range(pid_c * CHUNK, pid_c * CHUNK + CHUNK, SUB_K):
+                offs_n = start + tl.arange(0, SUB_K)
                 mask = (offs_n[:, None] < n_k_rows) & dmask[None, :]
                 x = tl.load(base + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-                acc_sum += tl.sum(x, axis=0)
-                acc_max = tl.maximum(acc_max, tl.max(tl.where(mask, x, float("-inf")), axis=0))
-                acc_min = tl.minimum(acc_min, tl.min(tl.where(mask, x, float("inf")), axis=0))
+                acc_sum += x
+                acc_max = tl.maximum(acc_max, tl.where(mask, x, float("-inf")))
+                acc_min = tl.minimum(acc_min, tl.where(mask, x, float("inf")))
             out = KPART + (kh.to(tl.int64) * n_chunks_k + pid_c) * 3 * DP
-            tl.store(out + offs_d, acc_sum)
-            tl.store(out + DP + offs_d, acc_max)
-            tl.store(out + 2 * DP + offs_d, acc_min)
+            tl.store(out + offs_d, tl.sum(acc_sum, axis=0))
+            tl.store(out + DP + offs_d, tl.max(acc_max, axis=0))
+            tl.store(out + 2 * DP + offs_d, tl.min(acc_min, axis=0))
 
 
 @triton.jit
@@ -187,7 +191,7 @@ def smoothing_vectors(q: torch.Tensor, k: torch.Tensor, fold: float, dp: int, ba
     _channel_stats_kernel[(max(n_chunks_q, n_chunks_k), n_q_programs + b * hkv)](
         q, k, qpart, kpart, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         hq, hkv, nq, nk, n_q_programs, n_chunks_q, n_chunks_k,
-        CHUNK=STATS_CHUNK, SUB=STATS_SUB, DP=dp, D=d, num_warps=QUANT_NUM_WARPS)
+        CHUNK=STATS_CHUNK, SUB=STATS_SUB, SUB_K=STATS_SUB_K, DP=dp, D=d, num_warps=QUANT_NUM_WARPS)
     smooth = torch.empty((b * hkv, 3, dp), device=q.device, dtype=torch.float32)
     _smoothing_kernel[(b * hkv,)](qpart, kpart, smooth, hq // hkv, nk, n_chunks_q, n_chunks_k, float(fold),
                                   DP=dp, D=d, BALANCE=("none", "k", "qk").index(balance), num_warps=QUANT_NUM_WARPS)
