@@ -139,6 +139,14 @@ DECODE_REPLICATION_EXPONENT = 0.5
 # cycles per tile; the reduction kernel that follows adds its own load-and-combine latency.
 DECODE_TILE_LATENCY_CYCLES = 3000
 DECODE_REDUCE_LATENCY_S = 2e-6
+# Per tile, whatever its length, the program also rebuilds the block's scaled query (q' * kscale,
+# [16, D], split hi + lo) over its warps: a dependent chain of the K scales' load (~600 cycles from
+# L2), the products and the hi/lo split, a shared-memory round trip with its barriers into the MMA
+# operand layout (~32 16-bit stores per thread at 4 warps): ~2000 cycles at 4 warps, twice that at 2.
+# Short tiles and few warps pay it more often (2 warps on 32-token tiles: measured ~35% slower than
+# 4 on 64 at batch 1). The value was checked against the records (1000: 15.0%, 2000: 14.3%, 3000:
+# 15.1% calibrated MAPE), so it is chosen on them like the other structural constants.
+DECODE_TILE_PREP_CYCLES = 2000
 # The shortest SDPA decode step measured on the H100 (cuDNN, B=1, 4k context, CUDA graph) is ~14 us
 # for ~4 us of DRAM traffic: two dependent kernels' launch and load latency, about 10 us past launch.
 SDPA_DECODE_LATENCY_S = 10e-6
@@ -913,7 +921,8 @@ def predict(kernel: str, shape: Any, config: Any = None, gpu: "str | GPUSpec" = 
         # however many SMs are free, a split program runs its tiles one after another
         tiles_per_split = cost.details["tiles_per_split"]
         warp_share = (knobs["decode_block_n"] / 64) * (4 / knobs["decode_num_warps"])  # a warp's elements per tile
-        tile_cycles = DECODE_TILE_LATENCY_CYCLES * warp_share * cost.details["replication"]
+        tile_cycles = (DECODE_TILE_LATENCY_CYCLES * warp_share
+                       + DECODE_TILE_PREP_CYCLES * 4 / knobs["decode_num_warps"]) * cost.details["replication"]
         critical_s = (launch_s + DECODE_REDUCE_LATENCY_S
                       + (PROGRAM_OVERHEAD_CYCLES + tiles_per_split * tile_cycles) / gpu.clock_hz)
         time_s = max(time_s, critical_s)
