@@ -26,8 +26,9 @@ Kernels:
   The fp32 operands of the tensor-core products are split hi + lo in fp16 (two products): always
   q' * kscale (scores feed exp2), and p when q is fp32, so the kernel keeps ~fp32 accuracy there;
   with fp16/bf16 q (output rounded to 2^-11 / 2^-8 anyway) p goes in as one fp16 operand (relative
-  error 2^-12 per probability, one product). Codes and dequantized INT8 values are exact in fp16. Nothing dequantized is ever written to memory. For D = 64 and 128 (a plane is a power of
-  two wide) the tile needs no masks and V's per-group scales are broadcast from a [BLOCK_N, NG]
+  error 2^-12 per probability, one product). Codes and dequantized INT8 values are exact in fp16.
+  Nothing dequantized is ever written to memory. For D = 64 and 128 (a plane is a power of two
+  wide) the tile needs no masks and V's per-group scales are broadcast from a [BLOCK_N, NG]
   tile; for D = 80 and 96 each plane selects among its (at most three) groups' scales.
 - `_decode_reduce_kernel`: program per (sequence, query head): o = sum_s 2^(m_s - M) acc_s /
   sum_s 2^(m_s - M) l_s; with COMMIT it also advances lengths[b] (so a decode step needs
@@ -262,44 +263,30 @@ def _append_kernel(KN, VN, stride_kb, stride_kh, stride_vb, stride_vh, KBUF, VBU
 
 # ----------------------------------------------------------------------------- split-KV decode
 
-# fp16 bits of 1024 + c in both halves: (0x6400 | c) for a code c < 1024, two lanes per 32-bit register
-_UNPACK4_ASM = tl.constexpr("""{
-.reg .b32 t0, t1, z, m;
-mov.b32 z, 0;
-mov.b32 m, 0x64006400;
-prmt.b32 t0, $4, z, 0x4140;
-prmt.b32 t1, $4, z, 0x4342;
-and.b32 $0, t0, 0x000F000F;
-and.b32 $1, t1, 0x000F000F;
-shr.b32 t0, t0, 4;
-shr.b32 t1, t1, 4;
-and.b32 $2, t0, 0x000F000F;
-and.b32 $3, t1, 0x000F000F;
-or.b32 $0, $0, m;
-or.b32 $1, $1, m;
-or.b32 $2, $2, m;
-or.b32 $3, $3, m;
-sub.f16x2 $0, $0, m;
-sub.f16x2 $1, $1, m;
-sub.f16x2 $2, $2, m;
-sub.f16x2 $3, $3, m;
-}""")
+def _unpack_asm(bits: int) -> str:
+    """PTX: 4 bytes (one 32-bit register, Triton pack=4) -> the 8 / bits planes' codes as exact fp16.
 
-
-def _unpack2_asm() -> str:
+    Two byte permutes spread bytes (0, 1) and (2, 3) into the two halves of t0 and t1; per plane, a
+    shift brings its bit field down, an `and` keeps it in both halves, an `or` with the fp16 bits of
+    1024 (0x6400) makes 1024 + c and a paired fp16 subtract leaves c: ~1.5 instructions per code.
+    Outputs 2 p and 2 p + 1 hold plane p of bytes (0, 1) and (2, 3); the input is the last operand."""
+    planes = 8 // bits
+    mask = f"0x{(1 << bits) - 1:04X}{(1 << bits) - 1:04X}"
     lines = ["{", ".reg .b32 t0, t1, u0, u1, z, m;", "mov.b32 z, 0;", "mov.b32 m, 0x64006400;",
-             "prmt.b32 t0, $8, z, 0x4140;", "prmt.b32 t1, $8, z, 0x4342;"]
-    for plane in range(4):
+             f"prmt.b32 t0, ${2 * planes}, z, 0x4140;", f"prmt.b32 t1, ${2 * planes}, z, 0x4342;"]
+    for plane in range(planes):
         src0, src1 = ("t0", "t1") if plane == 0 else ("u0", "u1")
         if plane:
-            lines += [f"shr.b32 u0, t0, {2 * plane};", f"shr.b32 u1, t1, {2 * plane};"]
-        lines += [f"and.b32 ${2 * plane}, {src0}, 0x00030003;", f"and.b32 ${2 * plane + 1}, {src1}, 0x00030003;",
-                  f"or.b32 ${2 * plane}, ${2 * plane}, m;", f"or.b32 ${2 * plane + 1}, ${2 * plane + 1}, m;",
-                  f"sub.f16x2 ${2 * plane}, ${2 * plane}, m;", f"sub.f16x2 ${2 * plane + 1}, ${2 * plane + 1}, m;"]
+            lines += [f"shr.b32 u0, t0, {bits * plane};", f"shr.b32 u1, t1, {bits * plane};"]
+        lo, hi = f"${2 * plane}", f"${2 * plane + 1}"
+        lines += [f"and.b32 {lo}, {src0}, {mask};", f"and.b32 {hi}, {src1}, {mask};",
+                  f"or.b32 {lo}, {lo}, m;", f"or.b32 {hi}, {hi}, m;",
+                  f"sub.f16x2 {lo}, {lo}, m;", f"sub.f16x2 {hi}, {hi}, m;"]
     return "\n".join(lines + ["}"])
 
 
-_UNPACK2_ASM = tl.constexpr(_unpack2_asm())
+_UNPACK4_ASM = tl.constexpr(_unpack_asm(4))
+_UNPACK2_ASM = tl.constexpr(_unpack_asm(2))
 
 
 @triton.jit
@@ -311,9 +298,8 @@ def _code_plane(words, PLANE: tl.constexpr, BITS: tl.constexpr):
 
 @triton.jit
 def _unpack4(words, FAST: tl.constexpr):
-    """uint8 bytes -> (low-nibble codes, high-nibble codes) as exact fp16, any layout.
-    FAST (CUDA): 4 bytes per 32-bit register, two byte-permutes, and/or on two lanes at a time and a
-    paired fp16 subtraction: ~1.5 instructions per code."""
+    """uint8 bytes -> (low-nibble codes, high-nibble codes) as exact fp16, any layout (FAST: the
+    inline asm of _unpack_asm, elementwise per byte, so any packing of 4 elements is correct)."""
     if FAST:
         return tl.inline_asm_elementwise(_UNPACK4_ASM, "=r,=r,=r,=r,r", [words],
                                          dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
@@ -350,13 +336,13 @@ def _split16(x):
 
 
 @triton.jit
-def _load_plane(ptrs, offs_w, W: tl.constexpr, WP: tl.constexpr, other):
+def _load_plane(ptrs, offs_w, W: tl.constexpr, WP: tl.constexpr):
     """Load a tile whose columns are a plane's words: masked only when the plane is not a power of two
     wide (an unmasked load vectorizes)."""
     if W == WP:
         return tl.load(ptrs)
     else:
-        return tl.load(ptrs, mask=(offs_w < W), other=other)
+        return tl.load(ptrs, mask=(offs_w < W), other=0)
 
 
 @triton.jit
@@ -368,12 +354,12 @@ def _q_plane(Q_rows, gmask, fold, offs_w, PLANE: tl.constexpr, W: tl.constexpr):
 
 
 @triton.jit
-def _plane_q(qf, KSC, KZ, blk_d, offs_w, PLANE: tl.constexpr, W: tl.constexpr, WP: tl.constexpr):
+def _scaled_q_plane(qf, KSC, KZ, blk_d, offs_w, PLANE: tl.constexpr, W: tl.constexpr, WP: tl.constexpr):
     """The block's scaled query plane: (q' kscale) hi, lo [BLOCK_G, WP] and sum q' kzero."""
     chan = PLANE * W + offs_w
     # int8 -> fp32 on the ALU (the compiler expands ksc, kz over the query rows before converting)
-    ksc = int_to_float_exact(_load_plane(KSC + blk_d + chan, offs_w, W, WP, 0).to(tl.int32))
-    kz = int_to_float_exact(_load_plane(KZ + blk_d + chan, offs_w, W, WP, 0).to(tl.int32))
+    ksc = int_to_float_exact(_load_plane(KSC + blk_d + chan, offs_w, W, WP).to(tl.int32))
+    kz = int_to_float_exact(_load_plane(KZ + blk_d + chan, offs_w, W, WP).to(tl.int32))
     hi, lo = _split16(qf * ksc[None, :])
     return hi, lo, tl.sum(qf * kz[None, :], axis=1)
 
@@ -469,17 +455,17 @@ def _packed_split(Q_rows, fold, KC, KSC, KZ, VC, VSC, VZ, KS1_bh, VS1_bh, pool_h
         row0 = pool_blk * NB + (tile - blk * TPB) * BLOCK_N  # first token row of the tile in the pool
         blk_d = pool_blk * D
         # scores: s = s1k * (sum_c (q'_c kscale_c) code_c + sum_c q'_c kzero_c)
-        kb = _load_plane(KC + row0 * W + (offs_n[None, :] * W + offs_w[:, None]), offs_w[:, None], W, WP, 0)
-        q0h, q0l, z0 = _plane_q(qf0, KSC, KZ, blk_d, offs_w, 0, W, WP)
-        q1h, q1l, z1 = _plane_q(qf1, KSC, KZ, blk_d, offs_w, 1, W, WP)
+        kb = _load_plane(KC + row0 * W + (offs_n[None, :] * W + offs_w[:, None]), offs_w[:, None], W, WP)
+        q0h, q0l, z0 = _scaled_q_plane(qf0, KSC, KZ, blk_d, offs_w, 0, W, WP)
+        q1h, q1l, z1 = _scaled_q_plane(qf1, KSC, KZ, blk_d, offs_w, 1, W, WP)
         if BITS == 4:
             k0, k1 = _unpack4(kb, FAST)
             dots = tl.dot(q0h, k0, out_dtype=tl.float32) + tl.dot(q0l, k0, out_dtype=tl.float32)
             dots += tl.dot(q1h, k1, out_dtype=tl.float32) + tl.dot(q1l, k1, out_dtype=tl.float32)
             zsum = z0 + z1
         else:
-            q2h, q2l, z2 = _plane_q(qf2, KSC, KZ, blk_d, offs_w, 2, W, WP)
-            q3h, q3l, z3 = _plane_q(qf3, KSC, KZ, blk_d, offs_w, 3, W, WP)
+            q2h, q2l, z2 = _scaled_q_plane(qf2, KSC, KZ, blk_d, offs_w, 2, W, WP)
+            q3h, q3l, z3 = _scaled_q_plane(qf3, KSC, KZ, blk_d, offs_w, 3, W, WP)
             k0, k1, k2, k3 = _unpack2(kb, FAST)
             dots = tl.dot(q0h, k0, out_dtype=tl.float32) + tl.dot(q0l, k0, out_dtype=tl.float32)
             dots += tl.dot(q1h, k1, out_dtype=tl.float32) + tl.dot(q1l, k1, out_dtype=tl.float32)
@@ -493,7 +479,7 @@ def _packed_split(Q_rows, fold, KC, KSC, KZ, VC, VSC, VZ, KS1_bh, VS1_bh, pool_h
         l_i = l_i * alpha + tl.sum(p, axis=1)
         p_hi, p_lo = _split16(p)
         # values: v = s1v * (code * scale + zero), dequantized in registers, exact in fp16
-        vb = _load_plane(VC + row0 * W + (offs_n[:, None] * W + offs_w[None, :]), offs_w[None, :], W, WP, 0)
+        vb = _load_plane(VC + row0 * W + (offs_n[:, None] * W + offs_w[None, :]), offs_w[None, :], W, WP)
         grow = (row0 + offs_n) * NG
         s1v = tl.load(VS1_bh + blk)
         if BITS == 4:

@@ -876,9 +876,10 @@ def predict(kernel: str, shape: Any, config: Any = None, gpu: "str | GPUSpec" = 
     peaks, all_efficiency, source = ceilings(gpu, calibration)
     efficiency = efficiency_for(kernel, all_efficiency)
 
+    flash_backend = "FLASH" in (knobs.get("backend") or "")  # torch SDPA's FlashAttention-2 (baselines only)
     if kernel in ("prefill", "sdpa_prefill_fp16"):
         tc_util = min(1.0, knobs["block_m"] / (MMA_ROWS_PER_WARP * knobs["num_warps"]))
-        if kernel == "sdpa_prefill_fp16" and "FLASH" in (knobs.get("backend") or ""):
+        if kernel == "sdpa_prefill_fp16" and flash_backend:
             tc_util *= MMA_SYNC_FRACTION  # torch's flash backend (FlashAttention-2) issues mma.sync
         stages = knobs["num_stages"]
     elif kernel in ("decode", "sdpa_decode_fp16"):
@@ -928,8 +929,7 @@ def predict(kernel: str, shape: Any, config: Any = None, gpu: "str | GPUSpec" = 
         time_s = max(time_s, critical_s)
     elif kernel == "sdpa_decode_fp16":
         # a split-KV step is two dependent kernels (split, combine), each with its load latency
-        flash = "FLASH" in (knobs.get("backend") or "")
-        critical_s = launch_s + (SDPA_FLASH_DECODE_LATENCY_S if flash else SDPA_DECODE_LATENCY_S)
+        critical_s = launch_s + (SDPA_FLASH_DECODE_LATENCY_S if flash_backend else SDPA_DECODE_LATENCY_S)
         time_s = max(time_s, critical_s)
     compute_times = [times[r] for r in COMPUTE_ROOFS]
     compute_phase = max(compute_times) + (1.0 - compute_overlap) * (sum(compute_times) - max(compute_times))

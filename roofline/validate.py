@@ -313,6 +313,12 @@ def fitted_calibration(base: Calibration, fit: EfficiencyFit) -> Calibration:
     return dataclasses.replace(base, efficiency=dict(base.efficiency, **fit.efficiency), notes="fitted here")
 
 
+def _refit(records: Sequence[Record], ceilings_predictions: Sequence, used: Sequence[bool]) -> EfficiencyFit:
+    """The `refit` variant's fit: per-kernel factors from the measured ceilings (every factor 1.0)."""
+    return fit_efficiency([(p, r.measured_ms) for r, p, u in zip(records, ceilings_predictions, used) if u],
+                          per_kernel=True)
+
+
 def refit_calibration(gpu: "str | GPUSpec", records_paths: Sequence["str | os.PathLike"],
                       min_ms: float = DEFAULT_MIN_MS, calibration_directory: "str | os.PathLike | None" = None) -> Path:
     """Refit the saved calibration's efficiency factors on `records_paths` and save it.
@@ -325,11 +331,8 @@ def refit_calibration(gpu: "str | GPUSpec", records_paths: Sequence["str | os.Pa
     records = load_records(paths, spec)
     calibration = load_calibration(spec, calibration_directory)
     base = unit_efficiency_calibration(calibration, spec)
-    pairs = []
-    for r in records:
-        if not exclusion(r, spec, min_ms):
-            pairs.append((_predict(r, spec, base), r.measured_ms))
-    fit = fit_efficiency(pairs, per_kernel=True)
+    used = [not exclusion(r, spec, min_ms) for r in records]
+    fit = _refit(records, [_predict(r, spec, base) if u else None for r, u in zip(records, used)], used)
     ceilings_note = (calibration.notes or "").split(" efficiency:")[0].rstrip(". ")
     names = ", ".join(p.name for p in paths)
     fitted = dataclasses.replace(
@@ -398,15 +401,14 @@ def evaluate(records: Sequence[Record], gpu: "str | GPUSpec", calibration: Calib
     if heldout and any(used):
         base = unit_efficiency_calibration(calibration, spec)
         start = variants["ceilings"].predictions
-        fit = fit_efficiency([(start[i], records[i].measured_ms) for i in range(len(records)) if used[i]],
-                             per_kernel=True)
+        fit = _refit(records, start, used)
         variants["refit"] = VariantResult("refit", True, run(fitted_calibration(base, fit)), none, list(used), (fit,))
         for split in HELDOUT_SPLITS:
             folds = heldout_folds(records, split)
             predictions, fits = list(none), []
             for fold in (0, 1):
-                train = [(start[i], records[i].measured_ms) for i in range(len(records)) if used[i] and folds[i] != fold]
-                fold_fit = fit_efficiency(train, per_kernel=True) if train else None
+                train = [u and f != fold for u, f in zip(used, folds)]
+                fold_fit = _refit(records, start, train) if any(train) else None
                 fits.append(fold_fit)
                 cal = fitted_calibration(base, fold_fit) if fold_fit else base
                 for i, r in enumerate(records):
