@@ -3,7 +3,9 @@
 Providers: `turbo` (quantization pass + attention kernel, the headline), `turbo_kernel` (attention
 kernel on pre-quantized tiles) and `turbo_quant` (the quantization pass alone), for the time
 breakdown; `sdpa_flash` and `sdpa_cudnn` (torch SDPA backends, fp16) and `sage1`
-(SageAttention 1.0.6 when importable). TOPS = 4 * B * Hq * N^2 * D, halved for causal, for every
+(SageAttention 1.0.6 when importable). With `--kv-cache BIT_MIX`: `turbo_fill_cache` (the prefill
+also storing the prompt into a TurboKVCache, its by-product) and `turbo_then_cache_prefill` (the
+prefill, then a separate `cache.prefill` that reads K and V again). TOPS = 4 * B * Hq * N^2 * D, halved for causal, for every
 provider. Times: triton.testing.do_bench (L2 flushed before each run, warm-up excluded),
 p20/p50/p80 in ms. Accuracy: cosine and relative L1 of each output against fp32 attention of the
 same inputs. Rows go to reports/bench/prefill-<gpu>.csv (appended; one row per measurement).
@@ -118,11 +120,14 @@ def _peers(q, k, v, causal: bool, sage: bool = True):
 
 
 def bench_prefill(models, ns, tokens: int, causal: bool, out_dir: pathlib.Path, config=None, dtype_name="float16",
-                  providers=None) -> list[dict]:
+                  providers=None, kv_cache_mix: float | None = None) -> list[dict]:
+    """kv_cache_mix: also time `turbo_fill_cache` (the prefill storing the prompt into a TurboKVCache
+    with this bit_mix as its by-product) and `turbo_then_cache_prefill` (the prefill, then a
+    separate `cache.prefill(k, v)` that reads K and V again)."""
     import torch
     import triton
 
-    from kernels import KernelConfig, reference
+    from kernels import KernelConfig, TurboKVCache, reference
     from kernels.prefill import launch_flashq, turbo_attention
     from kernels.quant import quantize_kv_tiles
 
@@ -151,6 +156,17 @@ def bench_prefill(models, ns, tokens: int, causal: bool, out_dir: pathlib.Path, 
                 "turbo_kernel": (lambda: launch_flashq(q, tiles, out, causal, config, scale), False),
                 "turbo_quant": (lambda: quantize_kv_tiles(q, k, v, config.block_n, scale, config.smooth_k, config.balance), False),
             }
+            if kv_cache_mix is not None:
+                cache = TurboKVCache(batch, hkv, d, n, device="cuda", dtype=dtype,
+                                     config=KernelConfig(bit_mix=kv_cache_mix))
+
+                def then_prefill():
+                    res = turbo_attention(q, k, v, causal=causal, config=config)
+                    cache.prefill(k, v)
+                    return res
+                fns["turbo_fill_cache"] = (lambda: turbo_attention(q, k, v, causal=causal, config=config,
+                                                                   kv_cache=cache), False)
+                fns["turbo_then_cache_prefill"] = (then_prefill, False)
             fns.update(_peers(q, k, v, causal))
             for provider, (fn, repeated) in fns.items():
                 if providers and provider not in providers:
@@ -167,11 +183,12 @@ def bench_prefill(models, ns, tokens: int, causal: bool, out_dir: pathlib.Path, 
                            config=config_label(config) if provider.startswith("turbo") else "",
                            ms_p20=round(p20, 5), ms_p50=round(p50, 5), ms_p80=round(p80, 5),
                            tops=round(flops / (p50 * 1e-3) / 1e12, 1) if provider != "turbo_quant" else "",
-                           cosine=round(cos, 6), rel_l1=round(rel, 6), quant_in_timed_region=provider == "turbo",
+                           cosine=round(cos, 6), rel_l1=round(rel, 6),
+                           quant_in_timed_region=provider in ("turbo", "turbo_fill_cache", "turbo_then_cache_prefill"),
                            kv_repeated_for_peer=repeated, **meta)
                 rows.append(row)
-                print(f"{model:11s} N={n:6d} B={batch:2d} {provider:13s} {p50:8.3f} ms  {row['tops']!s:>7} TOPS  cos={cos:.5f}", flush=True)
-            del q, k, v, ref, tiles, out
+                print(f"{model:11s} N={n:6d} B={batch:2d} {provider:24s} {p50:8.3f} ms  {row['tops']!s:>7} TOPS  cos={cos:.5f}", flush=True)
+            del q, k, v, ref, tiles, out, fns
             torch.cuda.empty_cache()
     write_rows(path, rows, PREFILL_COLUMNS)
     print(f"wrote {len(rows)} rows to {path}")
@@ -308,6 +325,9 @@ def main(argv=None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="KernelConfig field for turbo (repeatable), e.g. --set block_n=128")
     parser.add_argument("--providers", default="", help="only these providers (comma-separated)")
+    parser.add_argument("--kv-cache", type=float, default=None, metavar="BIT_MIX",
+                        help="prefill: also time filling a TurboKVCache of this bit_mix as the prefill's by-product "
+                             "(turbo_fill_cache) against a separate cache.prefill (turbo_then_cache_prefill)")
     parser.add_argument("--grid", default="", help="sweep grid, e.g. 'block_m=64,128;block_n=128;use_sas=false'")
     args = parser.parse_args(argv)
     from kernels import KernelConfig
@@ -325,7 +345,7 @@ def main(argv=None) -> int:
     out = pathlib.Path(args.out)
     if args.kernel == "prefill":
         bench_prefill(models, ns, args.tokens, not args.non_causal, out, config,
-                      providers=set(p for p in args.providers.split(",") if p) or None)
+                      providers=set(p for p in args.providers.split(",") if p) or None, kv_cache_mix=args.kv_cache)
     elif args.kernel == "sweep-prefill":
         grid = {"block_m": [64, 128], "block_n": [64, 128], "num_warps": [4, 8], "num_stages": [2, 3],
                 "use_sas": [False, True]}

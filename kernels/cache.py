@@ -39,12 +39,19 @@ Semantics and choices:
   subtracts q . mu there. The channel balance that the prefill kernel also does is not used: decode
   queries are not quantized, and it did not lower the cache's error measurably.
 - Head bits: at each prefill, priority = reference.kv_head_priority (gap x std of K and of V, each
-  normalised over heads) and reference.assign_head_bits(priority, config.bit_mix). `bits=` on
+  normalised over heads) and reference.assign_head_bits(priority, config.bit_mix). The priorities
+  and the smoothing mean come from one Triton statistics pass over the prompt
+  (kernels.quant.channel_statistics: per-chunk sums, sums of squares, maxima, minima; combined in
+  float64 by `mean_from_stats` / `priority_from_stats`); it reads V only when the priorities decide
+  (bit_mix sends some but not all heads to 2 bits and nothing is pinned). `bits=` on
   prefill, or `pin_bits` / `load_bits(path)` (JSON {"bits": [4, 2, ...]}), pin the assignment.
   Pools are preallocated for max_len at construction for floor(bit_mix * Hkv) 2-bit heads; a pinned
   assignment with another count reallocates them (at prefill, never during decode).
 - Flush: eager. After every call a sequence holds lengths // n_b packed blocks and lengths % n_b
   buffer tokens; decode appends, flushes a buffer that just filled, then attends.
+- Filled by the prefill: `kernels.turbo_attention(q, k, v, kv_cache=cache)` stores the prompt
+  exactly as `cache.prefill(k, v)` would (`planned_bits`, `begin_prefill`, then the prefill's own
+  quantization pass writes the blocks and the buffer), so K and V are read once for both.
 - Decode before any prefill is allowed: it starts from an empty context (lengths 0, no smoothing
   mean). Without calibration data all priorities are equal, so the first floor(bit_mix * Hkv) heads
   take 2 bits unless an assignment was pinned.
@@ -64,6 +71,7 @@ import triton
 from . import reference as R
 from .checks import check_config, check_kernel_device, check_sm_scale, check_tensor
 from .config import KernelConfig
+from .quant import channel_statistics
 from .decode import (APPEND_NUM_WARPS, INTERPRETER_SMS, QUANT_NUM_WARPS, REDUCE_NUM_WARPS, REDUCE_TILE_ELEMS,
                      _append_kernel, _decode_reduce_kernel, _decode_split_kernel, _quantize_blocks_kernel,
                      decode_num_splits, decode_tile_tokens)
@@ -104,6 +112,47 @@ def expected_nbytes(batch: int, num_kv_heads: int, head_dim: int, max_len: int, 
             + 4 * b * h * d * int(config.smooth_k)
             + 2 * e * b * h * nb * d
             + 4 * b + 8 * h)
+
+
+def mean_from_stats(kpart: torch.Tensor, lens: torch.Tensor, d: int) -> torch.Tensor:
+    """Per-channel mean of K over each sequence's lens[b] tokens, fp32 [B, H, D] (0 where empty),
+    from the statistics pass's partials kpart [B * H, chunks, nstat, DP] (row 0: sums)."""
+    b = lens.numel()
+    sums = kpart[:, :, 0, :d].double().sum(dim=1).view(b, -1, d)
+    return (sums / lens.clamp(min=1).view(b, 1, 1)).float()
+
+
+def _head_priority_from_part(part: torch.Tensor, lens: torch.Tensor, shift: torch.Tensor | None, d: int) -> torch.Tensor:
+    """reference.head_priority ((max - min) x std per head over batch, tokens, channels) of x - shift
+    from per-chunk sums, maxima, minima and sums of squares [B * H, chunks, 4, DP] (float64 math:
+    the variance is the sum of the per-channel second moments about each channel's mean plus the
+    spread of those means, so it does not cancel)."""
+    b = lens.numel()
+    p = part[..., :d].double().view(b, -1, part.shape[1], part.shape[2], d)
+    n = lens.view(b, 1, 1)
+    sh = shift.double() if shift is not None else torch.zeros(1, dtype=torch.float64, device=part.device)
+    mu = p[:, :, :, 0].sum(2) / n.clamp(min=1)  # [B, H, D]
+    m2 = (p[:, :, :, 3].sum(2) - n * mu * mu).clamp(min=0)
+    gap = (p[:, :, :, 1].amax(2) - sh).amax(dim=(0, 2)) - (p[:, :, :, 2].amin(2) - sh).amin(dim=(0, 2))
+    count = lens.sum() * d
+    centred = mu - sh
+    head_mean = (n * centred).sum(dim=(0, 2)) / count
+    var = (m2.sum(dim=(0, 2)) + (n * (centred - head_mean.view(1, -1, 1)) ** 2).sum(dim=(0, 2))) / count
+    return gap * var.sqrt()
+
+
+def priority_from_stats(stats, lens: torch.Tensor, k_mean: torch.Tensor | None, d: int) -> torch.Tensor:
+    """reference.kv_head_priority from the statistics pass (stats.kpart and stats.vpart with sums of
+    squares): head_priority of K - k_mean and of V, each over its mean across heads; fp32 [H]."""
+    h = stats.kpart.shape[0] // lens.numel()
+    total = torch.zeros(h, dtype=torch.float64, device=stats.kpart.device)
+    if float(lens.sum()) == 0:
+        return total.float()
+    for part, shift in ((stats.kpart, k_mean), (stats.vpart, None)):
+        pr = _head_priority_from_part(part, lens, shift, d)
+        mean = pr.mean()
+        total += pr / mean if float(mean) > 0 else pr
+    return total.float()
 
 
 def _bits_list(bits, num_heads: int, name: str = "bits") -> list[int]:
@@ -311,24 +360,49 @@ class TurboKVCache:
         lens = self._check_lengths(lengths, n)
         if bits is not None:
             bits = _bits_list(bits, self.num_kv_heads)
-        lens_t = torch.tensor(lens, dtype=torch.int64)
-        if self.smooth:
-            self.k_mean.copy_(R.kv_smoothing_mean(k, lens_t))
-        if bits is None:
-            bits = self._pinned
-        if bits is None:
-            priority = R.kv_head_priority(k, v, lens_t, self.k_mean)
-            bits = R.assign_head_bits(priority.cpu(), self.config.bit_mix).tolist()
-        self._set_bits(bits)
-        self.lengths_dev.copy_(lens_t.to(torch.int32))
-        self._lengths = list(lens)
+        bits = self.planned_bits(bits)
+        stats = None
+        if self.smooth or bits is None:
+            lens_dev = torch.tensor(lens, dtype=torch.int32, device=self.device)
+            stats = channel_statistics(None, k, v if bits is None else None, triton.next_power_of_2(self.head_dim),
+                                       sumsq=bits is None, lengths=lens_dev)
+        self.begin_prefill(lens, bits, stats)
         if max(lens) == 0:
             return
         nb = self.block_tokens
         grid = (triton.cdiv(max(lens), nb), self.batch * self.num_kv_heads)
         self._launch_quantize(grid, k, v, flush=False)
 
-    def _state_args(self) -> tuple:
+    def planned_bits(self, bits=None) -> list[int] | None:
+        """The per-head bits a prefill will use where the prompt does not decide them: `bits`, else
+        the pinned assignment, else all 4 (or all 2) when config.bit_mix sends no (every) head to
+        2 bits. None: the prompt's head priorities decide (begin_prefill needs its statistics)."""
+        if bits is None:
+            bits = self._pinned
+        if bits is None:
+            h = self.num_kv_heads
+            n_low = R.num_low_bit_heads(h, self.config.bit_mix)
+            if n_low in (0, h):
+                return [2 if n_low else 4] * h
+        return None if bits is None else list(bits)
+
+    def begin_prefill(self, lens: list[int], bits: list[int] | None, stats) -> None:
+        """Set the state that a prompt of lens[b] tokens per sequence is then stored into: the
+        smoothing mean (config.smooth_k) and, when bits is None, the head bits from the priorities,
+        both from `stats` (kernels.quant.channel_statistics of the prompt: K, plus V with sums of
+        squares when bits is None); the lengths. The caller launches the kernel that stores the
+        blocks (this cache's `prefill`, or the prefill attention's quantization pass)."""
+        lens_f = torch.tensor(lens, dtype=torch.float64, device=self.device)
+        if self.smooth:
+            self.k_mean.copy_(mean_from_stats(stats.kpart, lens_f, self.head_dim))
+        if bits is None:
+            priority = priority_from_stats(stats, lens_f, self.k_mean if self.smooth else None, self.head_dim)
+            bits = R.assign_head_bits(priority.cpu(), self.config.bit_mix).tolist()
+        self._set_bits(bits)
+        self.lengths_dev.copy_(torch.tensor(lens, dtype=torch.int32))
+        self._lengths = list(lens)
+
+    def kernel_state_args(self) -> tuple:
         """The cache's tensors as the quantize and split kernels take them: LEN, MEAN, HEAD_BITS,
         HEAD_SLOT, the 4-bit pool, the 2-bit pool, KS1, VS1, KBUF, VBUF."""
         p4, p2 = self.pool4, self.pool2
@@ -338,7 +412,7 @@ class TurboKVCache:
         return (self.lengths_dev, mean, self.head_bits_dev, self.head_slot_dev, *p4, *p2,
                 self.k_s1, self.v_s1, self.k_buffer, self.v_buffer)
 
-    def _head_args(self) -> tuple[int, int, int, int]:
+    def kernel_head_args(self) -> tuple[int, int, int, int]:
         """(H, H4, H2, NBLK) of the kernels."""
         return self.num_kv_heads, self.pool4.k_codes.shape[1], self.pool2.k_codes.shape[1], self.num_blocks
 
@@ -346,7 +420,7 @@ class TurboKVCache:
         d = self.head_dim
         _quantize_blocks_kernel[grid](
             k, v, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-            *self._state_args(), *self._head_args(),
+            *self.kernel_state_args(), *self.kernel_head_args(),
             D=d, DP=triton.next_power_of_2(d), NB=self.block_tokens, NBP=triton.next_power_of_2(self.block_tokens),
             VG=self.config.v_group, NG=self.num_v_groups, FLUSH=flush, HAS_MEAN=self.k_mean is not None,
             num_warps=QUANT_NUM_WARPS)
@@ -419,7 +493,7 @@ class TurboKVCache:
         scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
         _decode_split_kernel[(parts, b * h)](
             q, q.stride(0), q.stride(1), k_new, v_new, k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
-            *self._state_args(), pm, pl, pacc, scale * R.LOG2E, *self._head_args(), splits, per_split,
+            *self.kernel_state_args(), pm, pl, pacc, scale * R.LOG2E, *self.kernel_head_args(), splits, per_split,
             G=group, BLOCK_G=block_g, D=d, DP=dp, NB=nb, BLOCK_N=self.decode_block_n,
             VG=self.config.v_group, NG=self.num_v_groups, HAS_MEAN=self.k_mean is not None, APPEND=not flush,
             FAST=self.device.type == "cuda", PV_HILO=q.dtype == torch.float32,

@@ -178,6 +178,51 @@ def _quantize_tile(k, v, tmask, KC, KSC, KZ, VC, VSC, VZ, KS1, VS1, pool_blk, s1
 
 
 @triton.jit
+def _pool_block(src_k, src_v, stride_kn, stride_vn, blk, b, h, pid_bh, MEAN, HEAD_BITS, HEAD_SLOT,
+                KC4, KSC4, KZ4, VC4, VSC4, VZ4, KC2, KSC2, KZ2, VC2, VSC2, VZ2, KS1, VS1, H4, H2, NBLK,
+                D: tl.constexpr, DP: tl.constexpr, NB: tl.constexpr, NBP: tl.constexpr,
+                VG: tl.constexpr, NG: tl.constexpr, HAS_MEAN: tl.constexpr):
+    """The NB rows at src_k / src_v (sequence b, KV head h) -> block `blk` of the head's pool
+    (minus the smoothing mean when HAS_MEAN), with its stage-1 scales."""
+    offs_t = tl.arange(0, NBP)
+    offs_d = tl.arange(0, DP)
+    dmask = offs_d < D
+    tmask = offs_t < NB
+    mask = tmask[:, None] & dmask[None, :]
+    rows = offs_t[:, None].to(tl.int64)
+    k = tl.load(src_k + rows * stride_kn + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(src_v + rows * stride_vn + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_MEAN:
+        k = k - tl.load(MEAN + pid_bh.to(tl.int64) * D + offs_d, mask=dmask, other=0.0)[None, :]
+    bits = tl.load(HEAD_BITS + h)
+    slot = tl.load(HEAD_SLOT + h)
+    s1_off = pid_bh.to(tl.int64) * NBLK + blk
+    if bits == 4:
+        pool_blk = (b.to(tl.int64) * H4 + slot) * NBLK + blk
+        _quantize_tile(k, v, tmask, KC4, KSC4, KZ4, VC4, VSC4, VZ4, KS1, VS1, pool_blk, s1_off,
+                       NB, NBP, D, DP, VG, NG, 4)
+    else:
+        pool_blk = (b.to(tl.int64) * H2 + slot) * NBLK + blk
+        _quantize_tile(k, v, tmask, KC2, KSC2, KZ2, VC2, VSC2, VZ2, KS1, VS1, pool_blk, s1_off,
+                       NB, NBP, D, DP, VG, NG, 2)
+
+
+@triton.jit
+def _buffer_rows(src_k, src_v, stride_kn, stride_vn, rest, pid_bh, KBUF, VBUF,
+                 D: tl.constexpr, DP: tl.constexpr, NB: tl.constexpr, NBP: tl.constexpr):
+    """The first `rest` (< NB) rows at src_k / src_v -> the residual buffer of (sequence, head) pid_bh."""
+    offs_t = tl.arange(0, NBP)
+    offs_d = tl.arange(0, DP)
+    mask = (offs_t < rest)[:, None] & (offs_d < D)[None, :]
+    rows = offs_t[:, None].to(tl.int64)
+    k = tl.load(src_k + rows * stride_kn + offs_d[None, :], mask=mask, other=0.0)
+    v = tl.load(src_v + rows * stride_vn + offs_d[None, :], mask=mask, other=0.0)
+    dst = (pid_bh.to(tl.int64) * NB + offs_t[:, None]) * D + offs_d[None, :]
+    tl.store(KBUF + dst, k.to(KBUF.dtype.element_ty), mask=mask)
+    tl.store(VBUF + dst, v.to(VBUF.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _quantize_blocks_kernel(
         K, V, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
         LEN, MEAN, HEAD_BITS, HEAD_SLOT,
@@ -195,51 +240,23 @@ def _quantize_blocks_kernel(
     length = tl.load(LEN + b)
     if FLUSH:
         length = length + 1  # the token just appended
-        full = length // NB
         do_block = (length % NB) == 0
-        blk = full - 1
-        src_start = 0
-        do_copy = False
+        blk = length // NB - 1
         rest = 0
     else:
         full = length // NB
         do_block = pid_j < full
         blk = pid_j
-        src_start = pid_j * NB
-        rest = length - full * NB
-        do_copy = (pid_j == full) & (rest > 0)
-    offs_t = tl.arange(0, NBP)
-    offs_d = tl.arange(0, DP)
-    dmask = offs_d < D
-    src_k = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
-    src_v = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
-    rows = (src_start + offs_t).to(tl.int64)
+        rest = tl.where(pid_j == full, length - full * NB, 0)
+    src_start = pid_j * NB  # FLUSH runs one program per head (pid_j = 0): the buffer's row 0
+    src_k = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh + src_start.to(tl.int64) * stride_kn
+    src_v = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh + src_start.to(tl.int64) * stride_vn
     if do_block:
-        tmask = offs_t < NB
-        mask = tmask[:, None] & dmask[None, :]
-        k = tl.load(src_k + rows[:, None] * stride_kn + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-        v = tl.load(src_v + rows[:, None] * stride_vn + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-        if HAS_MEAN:
-            k = k - tl.load(MEAN + pid_bh.to(tl.int64) * D + offs_d, mask=dmask, other=0.0)[None, :]
-        bits = tl.load(HEAD_BITS + h)
-        slot = tl.load(HEAD_SLOT + h)
-        s1_off = pid_bh.to(tl.int64) * NBLK + blk
-        if bits == 4:
-            pool_blk = (b.to(tl.int64) * H4 + slot) * NBLK + blk
-            _quantize_tile(k, v, tmask, KC4, KSC4, KZ4, VC4, VSC4, VZ4, KS1, VS1, pool_blk, s1_off,
-                           NB, NBP, D, DP, VG, NG, 4)
-        else:
-            pool_blk = (b.to(tl.int64) * H2 + slot) * NBLK + blk
-            _quantize_tile(k, v, tmask, KC2, KSC2, KZ2, VC2, VSC2, VZ2, KS1, VS1, pool_blk, s1_off,
-                           NB, NBP, D, DP, VG, NG, 2)
-    if do_copy:
-        tmask = offs_t < rest
-        mask = tmask[:, None] & dmask[None, :]
-        k = tl.load(src_k + rows[:, None] * stride_kn + offs_d[None, :], mask=mask, other=0.0)
-        v = tl.load(src_v + rows[:, None] * stride_vn + offs_d[None, :], mask=mask, other=0.0)
-        dst = (pid_bh.to(tl.int64) * NB + offs_t[:, None]) * D + offs_d[None, :]
-        tl.store(KBUF + dst, k.to(KBUF.dtype.element_ty), mask=mask)
-        tl.store(VBUF + dst, v.to(VBUF.dtype.element_ty), mask=mask)
+        _pool_block(src_k, src_v, stride_kn, stride_vn, blk, b, h, pid_bh, MEAN, HEAD_BITS, HEAD_SLOT,
+                    KC4, KSC4, KZ4, VC4, VSC4, VZ4, KC2, KSC2, KZ2, VC2, VSC2, VZ2, KS1, VS1, H4, H2, NBLK,
+                    D, DP, NB, NBP, VG, NG, HAS_MEAN)
+    if rest > 0:
+        _buffer_rows(src_k, src_v, stride_kn, stride_vn, rest, pid_bh, KBUF, VBUF, D, DP, NB, NBP)
 
 
 # ----------------------------------------------------------------------------- append

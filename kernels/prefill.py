@@ -253,25 +253,49 @@ def launch_flashq(q, kv: QuantizedKV, out: torch.Tensor, causal: bool, config: K
     return out
 
 
+def check_kv_cache(kv_cache, k: torch.Tensor) -> None:
+    """kv_cache must be a TurboKVCache on k's device with k's batch, KV heads and head dim, and room for N."""
+    from .cache import TurboKVCache
+
+    if not isinstance(kv_cache, TurboKVCache):
+        raise TypeError(f"kv_cache must be a kernels.TurboKVCache or None, got {type(kv_cache).__name__}")
+    b, hkv, n, d = k.shape
+    want = (kv_cache.batch, kv_cache.num_kv_heads, kv_cache.head_dim)
+    if (b, hkv, d) != want:
+        raise ValueError(f"kv_cache holds [B={want[0]}, Hkv={want[1]}, D={want[2]}] but k is [B={b}, Hkv={hkv}, "
+                         f"N, D={d}]")
+    if n > kv_cache.max_len:
+        raise ValueError(f"kv_cache has max_len={kv_cache.max_len}, too short for the prompt's N={n} tokens")
+    if kv_cache.device != k.device:
+        raise ValueError(f"kv_cache is on {kv_cache.device}, k on {k.device}: they must share one device")
+
+
 def turbo_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
-                    sm_scale: float | None = None, config: KernelConfig | None = None) -> torch.Tensor:
+                    sm_scale: float | None = None, config: KernelConfig | None = None,
+                    kv_cache=None) -> torch.Tensor:
     """TurboAttention prefill: softmax(q k^T * sm_scale) v with FlashQ INT8 products and SAS.
 
     q: [B, Hq, N, D]; k, v: [B, Hkv, N, D]; fp16, bf16 or fp32; Hq % Hkv == 0; D in
     {16, 32, 64, 80, 96, 128}; any N >= 1; views with a contiguous last dim are fine and are
     never modified. Returns [B, Hq, N, D] in q's dtype. config=None: the tuned config for this
     GPU (kernels.load_config), else the documented defaults.
+    kv_cache: optional kernels.TurboKVCache (same batch, KV heads and D; max_len >= N). The prompt's
+    K and V are stored into it as `kv_cache.prefill(k, v)` would (same contents, the cache's own
+    config: bits, buffer, smoothing), by the quantization pass that reads K and V for the attention
+    anyway, so filling the cache costs no second read of K and V; decode with `kv_cache.decode`.
     """
     b, hq, hkv, nq, nk, d = check_qkv(q, k, v, dtypes=INPUT_DTYPES, head_dims=PREFILL_HEAD_DIMS, same_len=True)
     check_bool("causal", causal)
     check_sm_scale(sm_scale)
     config = check_config(config)
     check_kernel_device(q.device, "q, k, v must be CUDA tensors")
+    if kv_cache is not None:
+        check_kv_cache(kv_cache, k)
     if config is None:
         from .loader import load_config
 
         config = load_config(head_dim=d, seq_len=nq)
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
-    kv = quantize_kv_tiles(q, k, v, config.block_n, scale, config.smooth_k, config.balance)
+    kv = quantize_kv_tiles(q, k, v, config.block_n, scale, config.smooth_k, config.balance, kv_cache=kv_cache)
     out = torch.empty((b, hq, nq, d), device=q.device, dtype=q.dtype)
     return launch_flashq(q, kv, out, causal, config, scale)

@@ -8,8 +8,11 @@ of rows, scale = amax_tile / 127. Q is quantized the same way inside the attenti
 
 Launches (few, because on short sequences the Python launch cost of each one shows):
   `_channel_stats_kernel`  per chunk of rows: K's per-channel sum / max / min, Q's per-channel max|q|
+                           (and, for a KV cache's head priorities, V's too, with sums of squares)
   `_smoothing_kernel`      per (batch, KV head): reduce the chunks to mu, 1/c and c
-  `_quantize_kv_kernel`    per tile of BLOCK_N rows: K codes and V codes (V transposed), scales
+  `_quantize_kv_kernel`    per tile of BLOCK_N rows: K codes and V codes (V transposed), scales;
+                           with a TurboKVCache, also its packed 4/2-bit blocks and residual buffer
+                           (the packed-cache by-product of the prefill: K and V are read once)
 Layouts (D padded to a power of two with zero columns, N padded to the tile with zero rows):
   K codes [B, Hkv, Nk_pad, Dp] int8 (rows contiguous along D: the K-major operand of QK^T),
   V codes transposed [B, Hkv, Dp, Nk_pad] int8 (tokens contiguous: the K-major operand of PV,
@@ -24,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .decode import _buffer_rows, _pool_block
 from .reference import LOG2E
 
 STATS_CHUNK = 256  # rows per program of the statistics pass
@@ -33,14 +37,44 @@ QUANT_NUM_WARPS = 4
 
 
 @triton.jit
-def _channel_stats_kernel(Qx, Kx, QPART, KPART, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-                          HQ, HKV, n_q_rows, n_k_rows, n_q_programs, n_chunks_q, n_chunks_k,
-                          CHUNK: tl.constexpr, SUB: tl.constexpr, SUB_K: tl.constexpr, DP: tl.constexpr,
-                          D: tl.constexpr):
-    """Program (chunk, head): max|q| per channel of a Q chunk, or sum / max / min per channel of a K chunk.
+def _row_stats(base, stride_n, lo, n_rows, out, CHUNK: tl.constexpr, SUB: tl.constexpr, DP: tl.constexpr,
+               D: tl.constexpr, SUMSQ: tl.constexpr):
+    """Per-channel sum, max, min (and sum of squares) of rows [lo, min(lo + CHUNK, n_rows)) -> out[0..3, :]."""
+    offs_d = tl.arange(0, DP)
+    dmask = offs_d < D
+    # elementwise running sum / max / min over the chunk, reduced across threads once at the end
+    acc_sum = tl.zeros([SUB, DP], dtype=tl.float32)
+    acc_sq = tl.zeros([SUB, DP], dtype=tl.float32)
+    acc_max = tl.full([SUB, DP], float("-inf"), dtype=tl.float32)
+    acc_min = tl.full([SUB, DP], float("inf"), dtype=tl.float32)
+    for start in range(lo, lo + CHUNK, SUB):
+        offs_n = start + tl.arange(0, SUB)
+        mask = (offs_n[:, None] < n_rows) & dmask[None, :]
+        x = tl.load(base + offs_n[:, None].to(tl.int64) * stride_n + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+        acc_sum += x
+        if SUMSQ:
+            acc_sq += x * x
+        acc_max = tl.maximum(acc_max, tl.where(mask, x, float("-inf")))
+        acc_min = tl.minimum(acc_min, tl.where(mask, x, float("inf")))
+    tl.store(out + offs_d, tl.sum(acc_sum, axis=0))
+    tl.store(out + DP + offs_d, tl.max(acc_max, axis=0))
+    tl.store(out + 2 * DP + offs_d, tl.min(acc_min, axis=0))
+    if SUMSQ:
+        tl.store(out + 3 * DP + offs_d, tl.sum(acc_sq, axis=0))
 
-    Heads 0 .. B*Hq-1 are Q's, the rest K's, so one launch serves both tensors.
-    QPART [B*Hq, n_chunks_q, DP]; KPART [B*Hkv, n_chunks_k, 3, DP].
+
+@triton.jit
+def _channel_stats_kernel(Qx, Kx, Vx, QPART, KPART, VPART, LEN, stride_qb, stride_qh, stride_qn,
+                          stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                          HQ, HKV, n_q_rows, n_k_rows, n_q_programs, n_k_programs, n_chunks_q, n_chunks_k,
+                          CHUNK: tl.constexpr, SUB: tl.constexpr, SUB_K: tl.constexpr, DP: tl.constexpr,
+                          D: tl.constexpr, NSTAT: tl.constexpr, HAS_LEN: tl.constexpr):
+    """Program (chunk, head): max|q| per channel of a Q chunk, or per-channel statistics of a K or V chunk.
+
+    Heads 0 .. n_q_programs-1 are Q's, the next B*Hkv K's, the next B*Hkv (if launched) V's, so one
+    launch serves every tensor. QPART [B*Hq, n_chunks_q, DP]; KPART, VPART [B*Hkv, n_chunks_k, NSTAT, DP]
+    with rows sum, max, min and (NSTAT = 4) sum of squares. HAS_LEN: sequence b's K and V rows stop
+    at min(n_k_rows, LEN[b]).
     """
     pid_c = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -62,29 +96,26 @@ def _channel_stats_kernel(Qx, Kx, QPART, KPART, stride_qb, stride_qh, stride_qn,
     else:
         if pid_c < n_chunks_k:
             kh = pid_h - n_q_programs
+            is_v = kh >= n_k_programs
+            if is_v:
+                kh = kh - n_k_programs
             b = kh // HKV
             h = kh % HKV
-            base = Kx + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
-            # elementwise running sum / max / min over the chunk, reduced across threads once at the end
-            acc_sum = tl.zeros([SUB_K, DP], dtype=tl.float32)
-            acc_max = tl.full([SUB_K, DP], float("-inf"), dtype=tl.float32)
-            acc_min = tl.full([SUB_K, DP], float("inf"), dtype=tl.float32)
-            for start in range(pid_c * CHUNK, pid_c * CHUNK + CHUNK, SUB_K):
-                offs_n = start + tl.arange(0, SUB_K)
-                mask = (offs_n[:, None] < n_k_rows) & dmask[None, :]
-                x = tl.load(base + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-                acc_sum += x
-                acc_max = tl.maximum(acc_max, tl.where(mask, x, float("-inf")))
-                acc_min = tl.minimum(acc_min, tl.where(mask, x, float("inf")))
-            out = KPART + (kh.to(tl.int64) * n_chunks_k + pid_c) * 3 * DP
-            tl.store(out + offs_d, tl.sum(acc_sum, axis=0))
-            tl.store(out + DP + offs_d, tl.max(acc_max, axis=0))
-            tl.store(out + 2 * DP + offs_d, tl.min(acc_min, axis=0))
+            n_rows = n_k_rows
+            if HAS_LEN:
+                n_rows = tl.minimum(n_rows, tl.load(LEN + b))
+            row = (kh.to(tl.int64) * n_chunks_k + pid_c) * NSTAT * DP
+            if is_v:
+                base = Vx + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+                _row_stats(base, stride_vn, pid_c * CHUNK, n_rows, VPART + row, CHUNK, SUB_K, DP, D, NSTAT == 4)
+            else:
+                base = Kx + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+                _row_stats(base, stride_kn, pid_c * CHUNK, n_rows, KPART + row, CHUNK, SUB_K, DP, D, NSTAT == 4)
 
 
 @triton.jit
 def _smoothing_kernel(QPART, KPART, SMOOTH, GROUP, n_k_rows, n_chunks_q, n_chunks_k, fold,
-                      DP: tl.constexpr, D: tl.constexpr, BALANCE: tl.constexpr):
+                      DP: tl.constexpr, D: tl.constexpr, BALANCE: tl.constexpr, NSTAT: tl.constexpr):
     """Program (batch x KV head): mu, 1/c, c -> SMOOTH[bh, 0..2, :] (1 and 0 in padded channels).
 
     BALANCE: 2 = c from K and Q ranges, 1 = from K's alone, 0 = c = 1.
@@ -95,7 +126,7 @@ def _smoothing_kernel(QPART, KPART, SMOOTH, GROUP, n_k_rows, n_chunks_q, n_chunk
     k_max = tl.full([DP], float("-inf"), dtype=tl.float32)
     k_min = tl.full([DP], float("inf"), dtype=tl.float32)
     for c in range(0, n_chunks_k):
-        row = KPART + (kh * n_chunks_k + c) * 3 * DP
+        row = KPART + (kh * n_chunks_k + c) * NSTAT * DP
         k_sum += tl.load(row + offs_d)
         k_max = tl.maximum(k_max, tl.load(row + DP + offs_d))
         k_min = tl.minimum(k_min, tl.load(row + 2 * DP + offs_d))
@@ -134,8 +165,18 @@ def _quantize_rows(x, mask):
 @triton.jit
 def _quantize_kv_kernel(Kx, Vx, KC, VT, KS, VS, SMOOTH, stride_kb, stride_kh, stride_kn,
                         stride_vb, stride_vh, stride_vn, HKV, N, N_PAD, n_tiles,
-                        BLOCK: tl.constexpr, DP: tl.constexpr, D: tl.constexpr, SMOOTH_K: tl.constexpr):
-    """Program (tile, batch x KV head): K tile -> rows of codes, V tile -> transposed codes, two scales."""
+                        C_LEN, C_MEAN, C_BITS, C_SLOT, KC4, KSC4, KZ4, VC4, VSC4, VZ4, KC2, KSC2, KZ2, VC2, VSC2, VZ2,
+                        C_KS1, C_VS1, C_KBUF, C_VBUF, C_H4, C_H2, C_NBLK,
+                        BLOCK: tl.constexpr, DP: tl.constexpr, D: tl.constexpr, SMOOTH_K: tl.constexpr,
+                        CACHE: tl.constexpr, C_NB: tl.constexpr, C_NBP: tl.constexpr, C_VG: tl.constexpr,
+                        C_NG: tl.constexpr, C_HAS_MEAN: tl.constexpr):
+    """Program (tile, batch x KV head): K tile -> rows of codes, V tile -> transposed codes, two scales.
+
+    CACHE: the program also stores the prompt into a TurboKVCache (kernels/decode.py's format):
+    every cache block of C_NB tokens that starts inside its tile goes to the head's 4- or 2-bit
+    pool (minus the cache's own smoothing mean), a partial last block to the residual buffer. Those
+    rows were just loaded for the INT8 tiles, so they come from L1/L2, not again from memory.
+    """
     pid_t = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // HKV
@@ -144,8 +185,9 @@ def _quantize_kv_kernel(Kx, Vx, KC, VT, KS, VS, SMOOTH, stride_kb, stride_kh, st
     offs_d = tl.arange(0, DP)
     mask = (offs_n[:, None] < N) & (offs_d[None, :] < D)
     rows = offs_n[:, None].to(tl.int64)
-    k = tl.load(Kx + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh + rows * stride_kn + offs_d[None, :],
-                mask=mask, other=0.0).to(tl.float32)
+    k_head = Kx + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+    v_head = Vx + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    k = tl.load(k_head + rows * stride_kn + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
     if SMOOTH_K:
         vec = SMOOTH + pid_bh.to(tl.int64) * 3 * DP
         k = (k - tl.load(vec + offs_d)[None, :]) * tl.load(vec + DP + offs_d)[None, :]
@@ -153,11 +195,23 @@ def _quantize_kv_kernel(Kx, Vx, KC, VT, KS, VS, SMOOTH, stride_kb, stride_kh, st
     out = pid_bh.to(tl.int64) * N_PAD * DP
     tl.store(KC + out + offs_n[:, None] * DP + offs_d[None, :], k_codes)
     tl.store(KS + pid_bh.to(tl.int64) * n_tiles + pid_t, k_scale)
-    v = tl.load(Vx + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh + rows * stride_vn + offs_d[None, :],
-                mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(v_head + rows * stride_vn + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
     v_codes, v_scale = _quantize_rows(v, mask)
     tl.store(VT + out + offs_d[None, :] * N_PAD + offs_n[:, None], v_codes)
     tl.store(VS + pid_bh.to(tl.int64) * n_tiles + pid_t, v_scale)
+    if CACHE:
+        first = (pid_t * BLOCK).to(tl.int64)
+        c_lo = ((first + C_NB - 1) // C_NB) * C_NB  # first cache block that starts in this tile
+        for i in range(0, tl.cdiv(tl.minimum(first + BLOCK, N) - c_lo, C_NB)):
+            start = c_lo + i * C_NB
+            src_k = k_head + start * stride_kn
+            src_v = v_head + start * stride_vn
+            if start + C_NB <= N:
+                _pool_block(src_k, src_v, stride_kn, stride_vn, start // C_NB, b, h, pid_bh, C_MEAN, C_BITS, C_SLOT,
+                            KC4, KSC4, KZ4, VC4, VSC4, VZ4, KC2, KSC2, KZ2, VC2, VSC2, VZ2, C_KS1, C_VS1,
+                            C_H4, C_H2, C_NBLK, D, DP, C_NB, C_NBP, C_VG, C_NG, C_HAS_MEAN)
+            else:
+                _buffer_rows(src_k, src_v, stride_kn, stride_vn, N - start, pid_bh, C_KBUF, C_VBUF, D, DP, C_NB, C_NBP)
 
 
 class QuantizedKV(NamedTuple):
@@ -176,45 +230,111 @@ def padded_head_dim(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def smoothing_vectors(q: torch.Tensor, k: torch.Tensor, fold: float, dp: int, balance: str = "qk") -> torch.Tensor:
+class ChannelStats(NamedTuple):
+    """Per-chunk partials of the statistics pass (`channel_statistics`); None where not computed.
+
+    qpart [B*Hq, n_chunks_q, DP]: max|q| per channel. kpart, vpart [B*Hkv, n_chunks_k, nstat, DP]:
+    sum, max, min and (nstat = 4) sum of squares per channel, in fp32 over each chunk's valid rows.
+    """
+
+    qpart: torch.Tensor | None
+    kpart: torch.Tensor
+    vpart: torch.Tensor | None
+    nstat: int
+
+
+def channel_statistics(q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor | None, dp: int,
+                       sumsq: bool = False, lengths: torch.Tensor | None = None) -> ChannelStats:
+    """One launch over the rows of Q (max|q|, when q is given), K and V (when v is given).
+
+    sumsq adds the per-channel sum of squares to K's and V's partials (head priorities need it).
+    lengths: optional int32 [B] on k's device; sequence b's K/V rows stop at lengths[b].
+    """
+    b, hkv, nk, d = k.shape
+    nstat = 4 if sumsq else 3
+    hq, nq = (q.shape[1], q.shape[2]) if q is not None else (0, 0)
+    n_chunks_q = triton.cdiv(nq, STATS_CHUNK)
+    n_chunks_k = triton.cdiv(nk, STATS_CHUNK)
+    qx = q if q is not None else k
+    qpart = torch.empty((b * hq, n_chunks_q, dp), device=k.device, dtype=torch.float32) if q is not None else None
+    kpart = torch.empty((b * hkv, n_chunks_k, nstat, dp), device=k.device, dtype=torch.float32)
+    vpart = torch.empty_like(kpart) if v is not None else None
+    vx = v if v is not None else k
+    n_q_programs = b * hq
+    n_kv_programs = b * hkv * (2 if v is not None else 1)
+    _channel_stats_kernel[(max(n_chunks_q, n_chunks_k), n_q_programs + n_kv_programs)](
+        qx, k, vx, qpart if qpart is not None else kpart, kpart, vpart if vpart is not None else kpart,
+        lengths if lengths is not None else kpart,
+        qx.stride(0), qx.stride(1), qx.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        vx.stride(0), vx.stride(1), vx.stride(2), max(hq, 1), hkv, nq, nk, n_q_programs, b * hkv, n_chunks_q, n_chunks_k,
+        CHUNK=STATS_CHUNK, SUB=STATS_SUB, SUB_K=STATS_SUB_K, DP=dp, D=d, NSTAT=nstat, HAS_LEN=lengths is not None,
+        num_warps=QUANT_NUM_WARPS)
+    return ChannelStats(qpart, kpart, vpart, nstat)
+
+
+def smoothing_from_stats(stats: ChannelStats, group: int, n_k_rows: int, fold: float, d: int, dp: int,
+                         balance: str = "qk") -> torch.Tensor:
     """[B * Hkv, 3, DP] fp32: K's per-channel mean mu, 1/c and c (reference.smooth_k + balance_qk_channels).
 
-    balance "qk" reads Q for its per-channel max; "k" and "none" skip Q entirely.
+    balance "qk" needs stats.qpart (Q's per-channel max); "k" and "none" do not read it.
     """
-    b, hq, nq, d = q.shape
-    hkv, nk = k.shape[1], k.shape[2]
-    n_chunks_q = triton.cdiv(nq, STATS_CHUNK) if balance == "qk" else 0
-    n_chunks_k = triton.cdiv(nk, STATS_CHUNK)
-    qpart = torch.empty((b * hq, max(n_chunks_q, 1), dp), device=q.device, dtype=torch.float32)
-    n_q_programs = b * hq if balance == "qk" else 0
-    kpart = torch.empty((b * hkv, n_chunks_k, 3, dp), device=q.device, dtype=torch.float32)
-    _channel_stats_kernel[(max(n_chunks_q, n_chunks_k), n_q_programs + b * hkv)](
-        q, k, qpart, kpart, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        hq, hkv, nq, nk, n_q_programs, n_chunks_q, n_chunks_k,
-        CHUNK=STATS_CHUNK, SUB=STATS_SUB, SUB_K=STATS_SUB_K, DP=dp, D=d, num_warps=QUANT_NUM_WARPS)
-    smooth = torch.empty((b * hkv, 3, dp), device=q.device, dtype=torch.float32)
-    _smoothing_kernel[(b * hkv,)](qpart, kpart, smooth, hq // hkv, nk, n_chunks_q, n_chunks_k, float(fold),
-                                  DP=dp, D=d, BALANCE=("none", "k", "qk").index(balance), num_warps=QUANT_NUM_WARPS)
+    if balance == "qk" and stats.qpart is None:
+        raise ValueError("balance='qk' needs Q's statistics (channel_statistics with q)")
+    bh, n_chunks_k = stats.kpart.shape[0], stats.kpart.shape[1]
+    n_chunks_q = stats.qpart.shape[1] if balance == "qk" else 0
+    smooth = torch.empty((bh, 3, dp), device=stats.kpart.device, dtype=torch.float32)
+    _smoothing_kernel[(bh,)](stats.qpart if balance == "qk" else stats.kpart, stats.kpart, smooth, group, n_k_rows,
+                             n_chunks_q, n_chunks_k, float(fold), DP=dp, D=d, BALANCE=("none", "k", "qk").index(balance),
+                             NSTAT=stats.nstat, num_warps=QUANT_NUM_WARPS)
     return smooth
 
 
-def quantize_kv_tiles(q, k, v, block_n: int, sm_scale: float, smooth: bool, balance: str = "qk") -> QuantizedKV:
+def smoothing_vectors(q: torch.Tensor, k: torch.Tensor, fold: float, dp: int, balance: str = "qk") -> torch.Tensor:
+    """[B * Hkv, 3, DP] fp32 smoothing vectors from one statistics pass over K (and Q for "qk")."""
+    stats = channel_statistics(q if balance == "qk" else None, k, None, dp)
+    return smoothing_from_stats(stats, q.shape[1] // k.shape[1], k.shape[2], fold, k.shape[3], dp, balance)
+
+
+def quantize_kv_tiles(q, k, v, block_n: int, sm_scale: float, smooth: bool, balance: str = "qk",
+                      kv_cache=None) -> QuantizedKV:
     """BPQ stage 1 of k and v (validated by the caller) into the attention kernel's layouts.
 
     q is read only for the smoothing statistics (when `smooth`); the attention kernel quantizes
-    Q itself with the returned smoothing vectors.
+    Q itself with the returned smoothing vectors. kv_cache: a TurboKVCache (geometry checked by
+    the caller) that receives the prompt k, v as `kv_cache.prefill(k, v)` would store it, from
+    the same statistics pass and the same pass over K and V.
     """
     b, hkv, nk, d = k.shape
     dp = padded_head_dim(d)
-    vectors = smoothing_vectors(q, k, sm_scale * LOG2E, dp, balance) if smooth else None
+    fold = sm_scale * LOG2E
+    bits = kv_cache.planned_bits() if kv_cache is not None else None
+    cache_stats = kv_cache is not None and (kv_cache.smooth or bits is None)
+    vectors = None
+    if smooth or cache_stats:
+        priority = cache_stats and bits is None
+        stats = channel_statistics(q if smooth and balance == "qk" else None, k, v if priority else None, dp,
+                                   sumsq=priority)
+        if smooth:
+            vectors = smoothing_from_stats(stats, q.shape[1] // hkv, nk, fold, d, dp, balance)
+    if kv_cache is not None:
+        kv_cache.begin_prefill([nk] * b, bits, stats if cache_stats else None)
     n_tiles = triton.cdiv(nk, block_n)
     n_pad = n_tiles * block_n
     k_codes = torch.empty((b, hkv, n_pad, dp), device=k.device, dtype=torch.int8)
     vt_codes = torch.empty((b, hkv, dp, n_pad), device=k.device, dtype=torch.int8)
     k_scales = torch.empty((b, hkv, n_tiles), device=k.device, dtype=torch.float32)
     v_scales = torch.empty((b, hkv, n_tiles), device=k.device, dtype=torch.float32)
+    if kv_cache is not None:
+        state, (_, h4, h2, nblk) = kv_cache.kernel_state_args(), kv_cache.kernel_head_args()
+        cache_const = dict(C_NB=kv_cache.block_tokens, C_NBP=triton.next_power_of_2(kv_cache.block_tokens),
+                           C_VG=kv_cache.config.v_group, C_NG=kv_cache.num_v_groups, C_HAS_MEAN=kv_cache.smooth)
+    else:
+        state, (h4, h2, nblk) = (k_scales,) * 20, (0, 0, 0)
+        cache_const = dict(C_NB=16, C_NBP=16, C_VG=16, C_NG=1, C_HAS_MEAN=False)
     _quantize_kv_kernel[(n_tiles, b * hkv)](
         k, v, k_codes, vt_codes, k_scales, v_scales, vectors if vectors is not None else k_scales,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), hkv, nk, n_pad, n_tiles,
-        BLOCK=block_n, DP=dp, D=d, SMOOTH_K=smooth, num_warps=QUANT_NUM_WARPS)
+        *state, h4, h2, nblk,
+        BLOCK=block_n, DP=dp, D=d, SMOOTH_K=smooth, CACHE=kv_cache is not None, **cache_const,
+        num_warps=QUANT_NUM_WARPS)
     return QuantizedKV(k_codes, k_scales, vt_codes, v_scales, vectors, dp, nk)

@@ -1,0 +1,168 @@
+"""The prefill's packed-KV-cache by-product: turbo_attention(q, k, v, kv_cache=cache).
+
+What is checked, and why the checks are exact:
+- the cache filled by the prefill's quantization pass holds exactly what `cache.prefill(k, v)`
+  stores (every tensor of its state, bit for bit): both take the smoothing mean and the head
+  priorities from the same Triton statistics pass and quantize blocks with the same jitted code;
+  tests/test_cache.py checks `cache.prefill` itself against `reference.quantize_kv_cache`;
+- the attention output is bit-identical with and without the cache (the by-product only adds stores);
+- decoding from the filled cache matches `reference.decode_attention_reference` on its contents
+  (SQNR >= 65 dB with fp16 q, as in tests/test_cache.py) and exact attention over the history;
+- the statistics-pass priorities and mean match `reference.kv_head_priority` / `kv_smoothing_mean`:
+  float64 over fp32 per-chunk partials, so to PRIORITY_RTOL (fp32 sums of squares over a few hundred
+  values: ~1e-6 relative measured);
+- a bad kv_cache raises before any launch and leaves the cache as it was.
+"""
+
+import pytest
+import torch
+
+from kernels import reference as R
+from kernels.config import KernelConfig
+
+SQNR_VS_REF_FP16_DB = 65.0
+COSINE_4BIT_VS_EXACT = 0.98
+PRIORITY_RTOL = 1e-4
+
+
+def _api():
+    from kernels.cache import TurboKVCache
+    from kernels.prefill import turbo_attention
+
+    return turbo_attention, TurboKVCache
+
+
+def _assert_same_state(a, b):
+    for name, x, y in zip(a._fields, a, b):
+        if isinstance(x, tuple):
+            for field, xx, yy in zip(x._fields, x, y):
+                assert torch.equal(xx, yy), (name, field)
+        elif isinstance(x, torch.Tensor):
+            assert torch.equal(x, y), name
+        else:
+            assert x == y, name
+
+
+CASES = [
+    # (b, hq, hkv, n, d, prefill block_n, cache buffer_tokens, bit_mix, cache smooth_k, prefill smooth_k)
+    (1, 4, 2, 150, 64, 32, 64, 0.5, True, True),  # cache blocks span two prefill tiles
+    (2, 2, 2, 200, 96, 128, 32, 0.5, True, True),  # four cache blocks per prefill tile, partial buffer
+    (1, 7, 1, 64, 128, 16, 64, 0.0, False, True),  # GQA 7:1, exactly one block, empty buffer
+    (1, 2, 1, 1, 80, 64, 64, 1.0, True, False),  # one token: buffer only; cache smooths, prefill not
+    (3, 4, 4, 97, 64, 64, 16, 0.25, False, False),  # B = 3: a statistics pass for the priorities only
+]
+
+
+@pytest.mark.parametrize("b,hq,hkv,n,d,bn,nb,mix,cache_smooth,smooth", CASES)
+def test_prefill_fills_the_cache_like_cache_prefill(b, hq, hkv, n, d, bn, nb, mix, cache_smooth, smooth, device):
+    turbo_attention, TurboKVCache = _api()
+    q, k, v = R.outlier_qkv(b, hq, hkv, n, d, device=device, seed=n + d)
+    pcfg = KernelConfig(block_m=32, block_n=bn, num_warps=4, num_stages=1, smooth_k=smooth)
+    ccfg = KernelConfig(buffer_tokens=nb, bit_mix=mix, smooth_k=cache_smooth, num_splits=2)
+    filled = TurboKVCache(b, hkv, d, 256, device=device, config=ccfg)
+    plain = TurboKVCache(b, hkv, d, 256, device=device, config=ccfg)
+    k_before = k.clone()
+    out = turbo_attention(q, k, v, config=pcfg, kv_cache=filled)
+    assert torch.equal(k, k_before)
+    assert torch.equal(out, turbo_attention(q, k, v, config=pcfg))
+    plain.prefill(k, v)
+    assert filled.head_bits == plain.head_bits
+    assert filled.lengths.tolist() == [n] * b
+    _assert_same_state(filled.contents(), plain.contents())
+    assert filled.nbytes() == plain.nbytes()
+
+
+def test_decode_from_the_filled_cache(device):
+    """Prompt of 130 tokens through the prefill (two blocks + 2 buffered), then three decode steps."""
+    turbo_attention, TurboKVCache = _api()
+    n0, steps = 130, 3
+    q, k, v = R.outlier_qkv(1, 4, 2, n0 + steps, 64, device=device, seed=7, outlier_scale=(2.0, 4.0))
+    cache = TurboKVCache(1, 2, 64, 256, device=device, config=KernelConfig(num_splits=2))
+    turbo_attention(q[:, :, :n0], k[:, :, :n0], v[:, :, :n0], config=KernelConfig(block_m=32, block_n=64, num_stages=1),
+                    kv_cache=cache)
+    for pos in range(n0, n0 + steps):
+        qn = q[:, :, pos:pos + 1]
+        out = cache.decode(qn, k[:, :, pos:pos + 1], v[:, :, pos:pos + 1])
+        ref = R.decode_attention_reference(qn, cache.contents())
+        assert R.attention_error(out.float(), ref).sqnr_db >= SQNR_VS_REF_FP16_DB
+        exact = R.exact_attention(qn, k[:, :, :pos + 1], v[:, :, :pos + 1], causal=False)
+        assert R.attention_error(out.float(), exact).cosine >= COSINE_4BIT_VS_EXACT
+    assert cache.lengths.tolist() == [n0 + steps]
+
+
+def test_pinned_bits_are_used_by_the_prefill(device):
+    turbo_attention, TurboKVCache = _api()
+    q, k, v = R.outlier_qkv(1, 4, 4, 80, 64, device=device, seed=3)
+    cache = TurboKVCache(1, 4, 64, 128, device=device, config=KernelConfig(bit_mix=0.5))
+    cache.pin_bits([2, 4, 4, 2])
+    turbo_attention(q, k, v, config=KernelConfig(block_m=32, block_n=32, num_stages=1), kv_cache=cache)
+    assert cache.head_bits == [2, 4, 4, 2]
+
+
+def test_statistics_priority_and_mean_match_the_reference(device):
+    """Batch of 3 with lengths 150, 0, 77 (an empty sequence), heads of different scales."""
+    from kernels.cache import mean_from_stats, priority_from_stats
+    from kernels.quant import channel_statistics
+
+    _, k, v = R.outlier_qkv(3, 4, 4, 150, 96, dtype=torch.float32, seed=11)
+    k = (k * torch.tensor([1.0, 3.0, 0.5, 2.0])[None, :, None, None]).half().to(device)
+    v = (v * torch.tensor([2.0, 1.0, 0.7, 1.5])[None, :, None, None]).half().to(device)
+    lens = torch.tensor([150, 0, 77])
+    stats = channel_statistics(None, k, v, 128, sumsq=True, lengths=lens.to(device=device, dtype=torch.int32))
+    lens_f = lens.to(device=device, dtype=torch.float64)
+    mean = mean_from_stats(stats.kpart, lens_f, 96)
+    want_mean = R.kv_smoothing_mean(k, lens)
+    assert torch.allclose(mean, want_mean, rtol=1e-5, atol=1e-6)
+    for shift in (mean, None):
+        got = priority_from_stats(stats, lens_f, shift, 96)
+        want = R.kv_head_priority(k, v, lens, shift)
+        assert torch.allclose(got, want, rtol=PRIORITY_RTOL, atol=0), (got, want)
+
+
+def test_statistics_of_an_all_empty_batch_are_zero(device):
+    from kernels.cache import priority_from_stats
+    from kernels.quant import channel_statistics
+
+    _, k, v = R.outlier_qkv(2, 2, 2, 20, 64, device=device, seed=1)
+    lens = torch.zeros(2, dtype=torch.int32, device=device)
+    stats = channel_statistics(None, k, v, 64, sumsq=True, lengths=lens)
+    assert torch.equal(priority_from_stats(stats, lens.double(), None, 64), torch.zeros(2, device=device))
+
+
+@pytest.mark.parametrize("make,exc,needle", [
+    (lambda T, dev: "cache", TypeError, "kv_cache must be a kernels.TurboKVCache"),
+    (lambda T, dev: T(2, 2, 64, 128, device=dev), ValueError, "kv_cache holds"),  # batch 2, prompt batch 1
+    (lambda T, dev: T(1, 1, 64, 128, device=dev), ValueError, "kv_cache holds"),  # 1 KV head, prompt 2
+    (lambda T, dev: T(1, 2, 128, 128, device=dev), ValueError, "kv_cache holds"),  # D 128, prompt 64
+    (lambda T, dev: T(1, 2, 64, 32, device=dev), ValueError, "max_len=32"),  # prompt of 40 tokens
+])
+def test_bad_kv_cache_raises_before_launch(make, exc, needle, device):
+    turbo_attention, TurboKVCache = _api()
+    q, k, v = R.outlier_qkv(1, 4, 2, 40, 64, device=device, seed=2)
+    cache = make(TurboKVCache, device)
+    before = cache.nbytes() if not isinstance(cache, str) else None
+    with pytest.raises(exc, match=needle):
+        turbo_attention(q, k, v, config=KernelConfig(block_m=32, block_n=32), kv_cache=cache)
+    if before is not None:
+        assert cache.lengths.tolist() == [0] * cache.batch and cache.nbytes() == before
+
+
+# ------------------------------------------------------------------ GPU tier
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bit_mix", [0.0, 0.5])
+def test_gpu_prefill_fills_the_cache_at_8k(bit_mix):
+    """llama3-8b's heads (32 / 8, D = 128), B = 2, N = 8200 (a partial buffer), default configs."""
+    turbo_attention, TurboKVCache = _api()
+    b, n = 2, 8200
+    q, k, v = R.outlier_qkv(b, 32, 8, n, 128, device="cuda", seed=8)
+    filled = TurboKVCache(b, 8, 128, n + 64, device="cuda", config=KernelConfig(bit_mix=bit_mix))
+    plain = TurboKVCache(b, 8, 128, n + 64, device="cuda", config=KernelConfig(bit_mix=bit_mix))
+    out = turbo_attention(q, k, v, config=KernelConfig(), kv_cache=filled)
+    assert torch.equal(out, turbo_attention(q, k, v, config=KernelConfig()))
+    plain.prefill(k, v)
+    _assert_same_state(filled.contents(), plain.contents())
+    qn = q[:, :, -1:]
+    step = filled.decode(qn, k[:, :, -1:], v[:, :, -1:])
+    ref = R.decode_attention_reference(qn, filled.contents())
+    assert R.attention_error(step.float(), ref).sqnr_db >= SQNR_VS_REF_FP16_DB
