@@ -41,9 +41,10 @@ Semantics and choices:
 - Head bits: at each prefill, priority = reference.kv_head_priority (gap x std of K and of V, each
   normalised over heads) and reference.assign_head_bits(priority, config.bit_mix). The priorities
   and the smoothing mean come from one Triton statistics pass over the prompt
-  (kernels.quant.channel_statistics: per-chunk sums, sums of squares, maxima, minima; combined in
-  float64 by `mean_from_stats` / `priority_from_stats`); it reads V only when the priorities decide
-  (bit_mix sends some but not all heads to 2 bits and nothing is pinned). `bits=` on
+  (kernels.quant.channel_statistics: per-chunk sums, sums of squares, maxima, minima) reduced in
+  float64 by one more launch (kernels.quant.head_moments), one host synchronisation for the
+  assignment; it reads V only when the priorities decide (bit_mix sends some but not all heads to
+  2 bits and nothing is pinned). `bits=` on
   prefill, or `pin_bits` / `load_bits(path)` (JSON {"bits": [4, 2, ...]}), pin the assignment.
   Pools are preallocated for max_len at construction for floor(bit_mix * Hkv) 2-bit heads; a pinned
   assignment with another count reallocates them (at prefill, never during decode).
@@ -71,7 +72,7 @@ import triton
 from . import reference as R
 from .checks import check_config, check_kernel_device, check_sm_scale, check_tensor
 from .config import KernelConfig
-from .quant import channel_statistics
+from .quant import assign_bits_from_moments, channel_statistics, head_moments
 from .decode import (APPEND_NUM_WARPS, INTERPRETER_SMS, QUANT_NUM_WARPS, REDUCE_NUM_WARPS, REDUCE_TILE_ELEMS,
                      _append_kernel, _decode_reduce_kernel, _decode_split_kernel, _quantize_blocks_kernel,
                      decode_num_splits, decode_tile_tokens)
@@ -112,47 +113,6 @@ def expected_nbytes(batch: int, num_kv_heads: int, head_dim: int, max_len: int, 
             + 4 * b * h * d * int(config.smooth_k)
             + 2 * e * b * h * nb * d
             + 4 * b + 8 * h)
-
-
-def mean_from_stats(kpart: torch.Tensor, lens: torch.Tensor, d: int) -> torch.Tensor:
-    """Per-channel mean of K over each sequence's lens[b] tokens, fp32 [B, H, D] (0 where empty),
-    from the statistics pass's partials kpart [B * H, chunks, nstat, DP] (row 0: sums)."""
-    b = lens.numel()
-    sums = kpart[:, :, 0, :d].double().sum(dim=1).view(b, -1, d)
-    return (sums / lens.clamp(min=1).view(b, 1, 1)).float()
-
-
-def _head_priority_from_part(part: torch.Tensor, lens: torch.Tensor, shift: torch.Tensor | None, d: int) -> torch.Tensor:
-    """reference.head_priority ((max - min) x std per head over batch, tokens, channels) of x - shift
-    from per-chunk sums, maxima, minima and sums of squares [B * H, chunks, 4, DP] (float64 math:
-    the variance is the sum of the per-channel second moments about each channel's mean plus the
-    spread of those means, so it does not cancel)."""
-    b = lens.numel()
-    p = part[..., :d].double().view(b, -1, part.shape[1], part.shape[2], d)
-    n = lens.view(b, 1, 1)
-    sh = shift.double() if shift is not None else torch.zeros(1, dtype=torch.float64, device=part.device)
-    mu = p[:, :, :, 0].sum(2) / n.clamp(min=1)  # [B, H, D]
-    m2 = (p[:, :, :, 3].sum(2) - n * mu * mu).clamp(min=0)
-    gap = (p[:, :, :, 1].amax(2) - sh).amax(dim=(0, 2)) - (p[:, :, :, 2].amin(2) - sh).amin(dim=(0, 2))
-    count = lens.sum() * d
-    centred = mu - sh
-    head_mean = (n * centred).sum(dim=(0, 2)) / count
-    var = (m2.sum(dim=(0, 2)) + (n * (centred - head_mean.view(1, -1, 1)) ** 2).sum(dim=(0, 2))) / count
-    return gap * var.sqrt()
-
-
-def priority_from_stats(stats, lens: torch.Tensor, k_mean: torch.Tensor | None, d: int) -> torch.Tensor:
-    """reference.kv_head_priority from the statistics pass (stats.kpart and stats.vpart with sums of
-    squares): head_priority of K - k_mean and of V, each over its mean across heads; fp32 [H]."""
-    h = stats.kpart.shape[0] // lens.numel()
-    total = torch.zeros(h, dtype=torch.float64, device=stats.kpart.device)
-    if float(lens.sum()) == 0:
-        return total.float()
-    for part, shift in ((stats.kpart, k_mean), (stats.vpart, None)):
-        pr = _head_priority_from_part(part, lens, shift, d)
-        mean = pr.mean()
-        total += pr / mean if float(mean) > 0 else pr
-    return total.float()
 
 
 def _bits_list(bits, num_heads: int, name: str = "bits") -> list[int]:
@@ -229,6 +189,7 @@ class TurboKVCache:
         self.head_bits_dev = torch.zeros(h, dtype=torch.int32, **z)
         self.head_slot_dev = torch.zeros(h, dtype=torch.int32, **z)
         self.pool4 = self.pool2 = None
+        self.priority = None  # fp32 [H] on the device: the priorities of the last assignment made there
         self._set_bits(R.assign_head_bits(torch.zeros(h), config.bit_mix).tolist())
 
     # ------------------------------------------------------------------ bits and pools
@@ -237,20 +198,25 @@ class TurboKVCache:
         return R.empty_packed_kv(self.batch, heads, self.num_blocks, self.block_tokens, self.head_dim, bits,
                                  self.config.v_group, self.device)
 
-    def _set_bits(self, bits: list[int]) -> None:
-        h2 = sum(1 for x in bits if x == 2)
-        h4 = len(bits) - h2
+    def _alloc_pools(self, h4: int, h2: int) -> None:
         if self.pool4 is None or self.pool4.k_codes.shape[1] != h4:
             self.pool4 = self.pool2 = None  # free before allocating the new pools
             self.pool4 = self._alloc_pool(h4, 4)
             self.pool2 = self._alloc_pool(h2, 2)
+
+    def _set_bits(self, bits: list[int]) -> None:
+        h2 = sum(1 for x in bits if x == 2)
+        self._alloc_pools(len(bits) - h2, h2)
         self._bits = list(bits)
         self.head_bits_dev.copy_(torch.tensor(bits, dtype=torch.int32))
         self.head_slot_dev.copy_(torch.tensor(R.head_slots(bits), dtype=torch.int32))
 
     @property
     def head_bits(self) -> list[int]:
-        """Bits per KV head (4 or 2) of the current assignment."""
+        """Bits per KV head (4 or 2) of the current assignment (read back from the device, once,
+        after a prefill that assigned them there)."""
+        if self._bits is None:
+            self._bits = [int(x) for x in self.head_bits_dev.tolist()]
         return list(self._bits)
 
     @property
@@ -361,12 +327,12 @@ class TurboKVCache:
         if bits is not None:
             bits = _bits_list(bits, self.num_kv_heads)
         bits = self.planned_bits(bits)
+        self.set_lengths(lens)
         stats = None
         if self.smooth or bits is None:
-            lens_dev = torch.tensor(lens, dtype=torch.int32, device=self.device)
             stats = channel_statistics(None, k, v if bits is None else None, triton.next_power_of_2(self.head_dim),
-                                       sumsq=bits is None, lengths=lens_dev)
-        self.begin_prefill(lens, bits, stats)
+                                       sumsq=bits is None, lengths=self.lengths_dev)
+        self.begin_prefill(bits, stats)
         if max(lens) == 0:
             return
         nb = self.block_tokens
@@ -386,21 +352,33 @@ class TurboKVCache:
                 return [2 if n_low else 4] * h
         return None if bits is None else list(bits)
 
-    def begin_prefill(self, lens: list[int], bits: list[int] | None, stats) -> None:
-        """Set the state that a prompt of lens[b] tokens per sequence is then stored into: the
-        smoothing mean (config.smooth_k) and, when bits is None, the head bits from the priorities,
-        both from `stats` (kernels.quant.channel_statistics of the prompt: K, plus V with sums of
-        squares when bits is None); the lengths. The caller launches the kernel that stores the
-        blocks (this cache's `prefill`, or the prefill attention's quantization pass)."""
-        lens_f = torch.tensor(lens, dtype=torch.float64, device=self.device)
-        if self.smooth:
-            self.k_mean.copy_(mean_from_stats(stats.kpart, lens_f, self.head_dim))
-        if bits is None:
-            priority = priority_from_stats(stats, lens_f, self.k_mean if self.smooth else None, self.head_dim)
-            bits = R.assign_head_bits(priority.cpu(), self.config.bit_mix).tolist()
-        self._set_bits(bits)
-        self.lengths_dev.copy_(torch.tensor(lens, dtype=torch.int32))
+    def set_lengths(self, lens: list[int]) -> None:
+        """The tokens each sequence holds (device tensor and host mirror), as a prefill sets them."""
+        if len(set(lens)) == 1:
+            self.lengths_dev.fill_(lens[0])
+        else:
+            self.lengths_dev.copy_(torch.tensor(lens, dtype=torch.int32))
         self._lengths = list(lens)
+
+    def begin_prefill(self, bits: list[int] | None, stats) -> None:
+        """After `set_lengths`: set the state that the prompt is then stored into: the smoothing mean
+        (config.smooth_k) and, when bits is None, the head bits from the priorities, both from
+        `stats` (kernels.quant.channel_statistics of the prompt: K, plus V with sums of squares when
+        bits is None). The assignment is made on the device (no host synchronisation; `head_bits`
+        reads it back when asked). The caller then launches the kernel that stores the blocks (this
+        cache's `prefill`, or the prefill attention's quantization pass)."""
+        if self.smooth or bits is None:
+            mom = head_moments(stats, self.lengths_dev, self.k_mean, priority=bits is None)
+        if bits is None:
+            h = self.num_kv_heads
+            n_low = R.num_low_bit_heads(h, self.config.bit_mix)
+            self._alloc_pools(h - n_low, n_low)
+            self.priority = torch.empty(h, dtype=torch.float32, device=self.device)
+            assign_bits_from_moments(mom, n_low, sum(self._lengths) * self.head_dim, self.priority, self.head_bits_dev,
+                                     self.head_slot_dev)
+            self._bits = None  # on the device only, until head_bits is read
+        else:
+            self._set_bits(bits)
 
     def kernel_state_args(self) -> tuple:
         """The cache's tensors as the quantize and split kernels take them: LEN, MEAN, HEAD_BITS,
@@ -519,7 +497,7 @@ class TurboKVCache:
         total = 0
         for n in new_lengths:
             full, rest = n // nb, n % nb
-            total += sum(full * per_block[bits] + 2 * (rest - 1) * d * e for bits in self._bits)
+            total += sum(full * per_block[bits] + 2 * (rest - 1) * d * e for bits in self.head_bits)
         h = self.num_kv_heads
         parts = self._split_plan(new_lengths)[0] + 1
         total += self.batch * (hq * d * e + 2 * h * d * e + 4 * h * d * int(self.smooth) + hq * parts * (d + 2) * 4)

@@ -99,17 +99,23 @@ def _stage1_int8(x, mask):
     # correctly rounded; div_rn because Triton's plain fp32 `/` is approximate on the GPU
     inv = tl.where(amax > 0, tl.math.div_rn(one, tl.maximum(amax, 1e-30)) * 127.0, 0.0)
     y = x * inv
-    codes = (y + tl.where(y >= 0, 0.5, -0.5)).to(tl.int32)  # round half away from zero
-    codes = tl.minimum(tl.maximum(codes, -127), 127)
+    # round half away from zero; |y| <= 127 (1 + 2^-22) < 127.5, so the codes are in [-127, 127]
+    codes = (y + tl.where(y >= 0, 0.5, -0.5)).to(tl.int32)
     return codes, tl.math.div_rn(amax, one * 127.0)
 
 
 @triton.jit
-def _lowbit(x, lo, scale, LEVELS: tl.constexpr):
+def _lowbit(x, lo, scale, inv_scale, LEVELS: tl.constexpr):
     """Stage 2 (reference.quantize_lowbit_even): round((x - lo) / scale), ties to the even code,
-    clamped to [0, LEVELS]; int32, x - lo + scale // 2 >= 0 wherever the code is used."""
-    num = x - lo + scale // 2
-    code = num // scale
+    clamped to [0, LEVELS]; int32, x - lo + scale // 2 >= 0 wherever the code is used.
+
+    The integer quotient floor(num / scale) comes from fp32: num <= 127 + 127 + 127 and
+    1 <= scale <= 254, so num * inv_scale (inv_scale = 1 / scale, within 2 ulp) is within 1e-4 of
+    the exact quotient, while a quotient that is not an integer is at least 1 / 254 from one:
+    adding 2^-9 and truncating gives the exact floor (an integer division costs ~20 instructions).
+    """
+    num = x - lo + (scale >> 1)
+    code = (num.to(tl.float32) * inv_scale + 0.001953125).to(tl.int32)
     tie = ((scale & 1) == 0) & (num == code * scale) & ((code & 1) == 1)
     code = code - tie.to(tl.int32)
     return tl.minimum(tl.maximum(code, 0), LEVELS)
@@ -148,7 +154,7 @@ def _quantize_tile(k, v, tmask, KC, KSC, KZ, VC, VSC, VZ, KS1, VS1, pool_blk, s1
     lo = tl.min(tl.where(tmask[:, None], k8, 127), axis=0)
     hi = tl.max(tl.where(tmask[:, None], k8, -127), axis=0)
     scale = tl.maximum((hi - lo + LEVELS - 1) // LEVELS, 1)
-    kcode = _lowbit(k8, lo[None, :], scale[None, :], LEVELS)
+    kcode = _lowbit(k8, lo[None, :], scale[None, :], (1.0 / scale.to(tl.float32))[None, :], LEVELS)
     kwords = _pack_planar(kcode, D, DP, W, WP, BITS)
     wmask = tmask[:, None] & (offs_w[None, :] < W)
     word_ptrs = pool_blk * (NB * W) + offs_t[:, None] * W + offs_w[None, :]
@@ -165,7 +171,7 @@ def _quantize_tile(k, v, tmask, KC, KSC, KZ, VC, VSC, VZ, KS1, VS1, pool_blk, s1
     vlo = tl.min(tl.where(valid3, v3, 127), axis=2)
     vhi = tl.max(tl.where(valid3, v3, -127), axis=2)
     vscale = tl.maximum((vhi - vlo + LEVELS - 1) // LEVELS, 1)
-    vcode3 = _lowbit(v3, vlo[:, :, None], vscale[:, :, None], LEVELS)
+    vcode3 = _lowbit(v3, vlo[:, :, None], vscale[:, :, None], (1.0 / vscale.to(tl.float32))[:, :, None], LEVELS)
     vcode = tl.reshape(vcode3, (NBP, DP))
     vwords = _pack_planar(vcode, D, DP, W, WP, BITS)
     tl.store(VC + word_ptrs, vwords, mask=wmask)

@@ -114,6 +114,98 @@ def _channel_stats_kernel(Qx, Kx, Vx, QPART, KPART, VPART, LEN, stride_qb, strid
 
 
 @triton.jit
+def _head_moments_kernel(KPART, VPART, LEN, MEAN, MOM, B, H, n_chunks, DP: tl.constexpr, D: tl.constexpr,
+                         NSTAT: tl.constexpr, WRITE_MEAN: tl.constexpr, PRIORITY: tl.constexpr):
+    """Program h: reduce the statistics pass's chunks of KV head h over every sequence b (float64).
+
+    WRITE_MEAN: MEAN[b, h, :D] = K's per-channel mean over LEN[b] rows (0 if none), fp32.
+    PRIORITY (NSTAT = 4): MOM[h] = for K (minus that mean when WRITE_MEAN) then V: the gap
+    max - min over all values, and, over every (b, channel) with n = LEN[b] and channel mean c,
+    sum of the second moments about c, sum n c and sum n c^2 (the host turns these into the variance).
+    """
+    h = tl.program_id(0)
+    offs_d = tl.arange(0, DP)
+    dmask = offs_d < D
+    for t in tl.static_range(2 if PRIORITY else 1):
+        PART = KPART if t == 0 else VPART
+        hi = tl.full([DP], float("-inf"), dtype=tl.float64)
+        lo = tl.full([DP], float("inf"), dtype=tl.float64)
+        m2 = tl.zeros([DP], dtype=tl.float64)
+        s1 = tl.zeros([DP], dtype=tl.float64)
+        s2 = tl.zeros([DP], dtype=tl.float64)
+        for b in range(0, B):
+            n_rows = tl.load(LEN + b)
+            n = n_rows.to(tl.float64)
+            row = PART + (b * H + h).to(tl.int64) * n_chunks * NSTAT * DP
+            total = tl.zeros([DP], dtype=tl.float64)
+            sq = tl.zeros([DP], dtype=tl.float64)
+            mx = tl.full([DP], float("-inf"), dtype=tl.float64)
+            mn = tl.full([DP], float("inf"), dtype=tl.float64)
+            for c in range(0, n_chunks):
+                chunk = row + c * NSTAT * DP
+                total += tl.load(chunk + offs_d).to(tl.float64)
+                if PRIORITY:
+                    mx = tl.maximum(mx, tl.load(chunk + DP + offs_d).to(tl.float64))
+                    mn = tl.minimum(mn, tl.load(chunk + 2 * DP + offs_d).to(tl.float64))
+                    sq += tl.load(chunk + 3 * DP + offs_d).to(tl.float64)
+            mean = total / tl.maximum(n, 1.0)
+            if t == 0 and WRITE_MEAN:
+                tl.store(MEAN + (b * H + h).to(tl.int64) * D + offs_d, mean.to(tl.float32), mask=dmask)
+            if PRIORITY:
+                shift = mean if (t == 0 and WRITE_MEAN) else tl.zeros([DP], dtype=tl.float64)
+                ok = dmask & (tl.zeros([DP], dtype=tl.int32) + n_rows > 0)
+                hi = tl.maximum(hi, tl.where(ok, mx - shift, float("-inf")))
+                lo = tl.minimum(lo, tl.where(ok, mn - shift, float("inf")))
+                m2 += tl.where(ok, tl.maximum(sq - n * mean * mean, 0.0), 0.0)
+                centred = tl.where(ok, mean - shift, 0.0)
+                s1 += n * centred
+                s2 += n * centred * centred
+        if PRIORITY:
+            out = MOM + h * 8 + t * 4
+            top = tl.max(hi, axis=0)
+            tl.store(out, tl.where(top > float("-inf"), top - tl.min(lo, axis=0), 0.0))  # 0: no value held
+            tl.store(out + 1, tl.sum(m2, axis=0))
+            tl.store(out + 2, tl.sum(s1, axis=0))
+            tl.store(out + 3, tl.sum(s2, axis=0))
+
+
+@triton.jit
+def _assign_bits_kernel(MOM, PRIO, BITS, SLOT, H, n_low, count, HP: tl.constexpr):
+    """One program: head priorities from `_head_moments_kernel`'s moments, then the bit assignment.
+
+    priority = sum over (K, V) of p / mean_h(p) with p = gap x std, std^2 = (sum m2 + sum n c^2 -
+    (sum n c)^2 / count) / count (reference.kv_head_priority); the n_low heads of lowest fp32
+    priority (ties: lower index first, as a stable sort) get 2 bits, the rest 4; a head's slot is
+    its index among the heads of its width (reference.head_slots). PRIO [H] fp32, BITS, SLOT [H] int32.
+    """
+    offs = tl.arange(0, HP)
+    hm = offs < H
+    total = tl.zeros([HP], dtype=tl.float64)
+    for t in tl.static_range(2):
+        base = MOM + offs * 8 + t * 4
+        gap = tl.load(base, mask=hm, other=0.0)
+        m2 = tl.load(base + 1, mask=hm, other=0.0)
+        s1 = tl.load(base + 2, mask=hm, other=0.0)
+        s2 = tl.load(base + 3, mask=hm, other=0.0)
+        var = tl.maximum((m2 + s2 - s1 * s1 / count) / count, 0.0)
+        pr = tl.where(hm, gap * tl.sqrt(var), 0.0)
+        mean = tl.sum(pr, axis=0) / H
+        total += tl.where(mean > 0, pr / tl.where(mean > 0, mean, 1.0), pr)
+    prio = total.to(tl.float32)
+    tl.store(PRIO + offs, prio, mask=hm)
+    p_i = prio[:, None]
+    p_j = prio[None, :]
+    earlier = offs[None, :] < offs[:, None]
+    before = ((p_j < p_i) | ((p_j == p_i) & earlier)) & hm[None, :]
+    rank = tl.sum(before.to(tl.int32), axis=1)
+    bits = tl.where(rank < n_low, 2, 4)
+    same = (bits[None, :] == bits[:, None]) & earlier & hm[None, :]
+    slot = tl.sum(same.to(tl.int32), axis=1)
+    tl.store(BITS + offs, bits, mask=hm)
+    tl.store(SLOT + offs, slot, mask=hm)
+
+
+@triton.jit
 def _smoothing_kernel(QPART, KPART, SMOOTH, GROUP, n_k_rows, n_chunks_q, n_chunks_k, fold,
                       DP: tl.constexpr, D: tl.constexpr, BALANCE: tl.constexpr, NSTAT: tl.constexpr):
     """Program (batch x KV head): mu, 1/c, c -> SMOOTH[bh, 0..2, :] (1 and 0 in padded channels).
@@ -172,42 +264,42 @@ def _quantize_kv_kernel(Kx, Vx, KC, VT, KS, VS, SMOOTH, stride_kb, stride_kh, st
                         C_NG: tl.constexpr, C_HAS_MEAN: tl.constexpr):
     """Program (tile, batch x KV head): K tile -> rows of codes, V tile -> transposed codes, two scales.
 
-    CACHE: the program also stores the prompt into a TurboKVCache (kernels/decode.py's format):
-    every cache block of C_NB tokens that starts inside its tile goes to the head's 4- or 2-bit
-    pool (minus the cache's own smoothing mean), a partial last block to the residual buffer. Those
-    rows were just loaded for the INT8 tiles, so they come from L1/L2, not again from memory.
+    CACHE: programs n_tiles + j store block j of the prompt into a TurboKVCache (kernels/decode.py's
+    format): a whole block of C_NB tokens goes to the head's 4- or 2-bit pool (minus the cache's
+    own smoothing mean), a partial last block to the residual buffer. They run right after the
+    head's INT8 tiles (the grid's first axis varies fastest), which have just brought the same rows
+    into L2, so K and V are read from memory about once. (Doing both in one program spilled.)
     """
     pid_t = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // HKV
     h = pid_bh % HKV
-    offs_n = pid_t * BLOCK + tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, DP)
-    mask = (offs_n[:, None] < N) & (offs_d[None, :] < D)
-    rows = offs_n[:, None].to(tl.int64)
     k_head = Kx + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
     v_head = Vx + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
-    k = tl.load(k_head + rows * stride_kn + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-    if SMOOTH_K:
-        vec = SMOOTH + pid_bh.to(tl.int64) * 3 * DP
-        k = (k - tl.load(vec + offs_d)[None, :]) * tl.load(vec + DP + offs_d)[None, :]
-    k_codes, k_scale = _quantize_rows(k, mask)
-    out = pid_bh.to(tl.int64) * N_PAD * DP
-    tl.store(KC + out + offs_n[:, None] * DP + offs_d[None, :], k_codes)
-    tl.store(KS + pid_bh.to(tl.int64) * n_tiles + pid_t, k_scale)
-    v = tl.load(v_head + rows * stride_vn + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-    v_codes, v_scale = _quantize_rows(v, mask)
-    tl.store(VT + out + offs_d[None, :] * N_PAD + offs_n[:, None], v_codes)
-    tl.store(VS + pid_bh.to(tl.int64) * n_tiles + pid_t, v_scale)
+    if pid_t < n_tiles:
+        offs_n = pid_t * BLOCK + tl.arange(0, BLOCK)
+        offs_d = tl.arange(0, DP)
+        mask = (offs_n[:, None] < N) & (offs_d[None, :] < D)
+        rows = offs_n[:, None].to(tl.int64)
+        k = tl.load(k_head + rows * stride_kn + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+        if SMOOTH_K:
+            vec = SMOOTH + pid_bh.to(tl.int64) * 3 * DP
+            k = (k - tl.load(vec + offs_d)[None, :]) * tl.load(vec + DP + offs_d)[None, :]
+        k_codes, k_scale = _quantize_rows(k, mask)
+        out = pid_bh.to(tl.int64) * N_PAD * DP
+        tl.store(KC + out + offs_n[:, None] * DP + offs_d[None, :], k_codes)
+        tl.store(KS + pid_bh.to(tl.int64) * n_tiles + pid_t, k_scale)
+        v = tl.load(v_head + rows * stride_vn + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+        v_codes, v_scale = _quantize_rows(v, mask)
+        tl.store(VT + out + offs_d[None, :] * N_PAD + offs_n[:, None], v_codes)
+        tl.store(VS + pid_bh.to(tl.int64) * n_tiles + pid_t, v_scale)
     if CACHE:
-        first = (pid_t * BLOCK).to(tl.int64)
-        c_lo = ((first + C_NB - 1) // C_NB) * C_NB  # first cache block that starts in this tile
-        for i in range(0, tl.cdiv(tl.minimum(first + BLOCK, N) - c_lo, C_NB)):
-            start = c_lo + i * C_NB
+        if pid_t >= n_tiles:
+            start = (pid_t - n_tiles).to(tl.int64) * C_NB
             src_k = k_head + start * stride_kn
             src_v = v_head + start * stride_vn
             if start + C_NB <= N:
-                _pool_block(src_k, src_v, stride_kn, stride_vn, start // C_NB, b, h, pid_bh, C_MEAN, C_BITS, C_SLOT,
+                _pool_block(src_k, src_v, stride_kn, stride_vn, pid_t - n_tiles, b, h, pid_bh, C_MEAN, C_BITS, C_SLOT,
                             KC4, KSC4, KZ4, VC4, VSC4, VZ4, KC2, KSC2, KZ2, VC2, VSC2, VZ2, C_KS1, C_VS1,
                             C_H4, C_H2, C_NBLK, D, DP, C_NB, C_NBP, C_VG, C_NG, C_HAS_MEAN)
             else:
@@ -272,6 +364,40 @@ def channel_statistics(q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor 
     return ChannelStats(qpart, kpart, vpart, nstat)
 
 
+def head_moments(stats: ChannelStats, lengths: torch.Tensor, mean_out: torch.Tensor | None,
+                 priority: bool) -> torch.Tensor | None:
+    """One launch over the statistics pass's partials (see `_head_moments_kernel`).
+
+    lengths: int32 [B] on the device. mean_out: fp32 [B, H, D] that receives K's per-channel mean
+    (None: not computed, and K's moments are about 0). priority: return float64 [H, 2, 4] moments
+    (K, V) x (gap, sum m2, sum n c, sum n c^2) (stats must hold V and sums of squares).
+    """
+    bh, n_chunks, nstat, dp = stats.kpart.shape
+    b = lengths.numel()
+    h = bh // b
+    if priority and (stats.vpart is None or nstat != 4):
+        raise ValueError("head priorities need V's statistics with sums of squares")
+    d = mean_out.shape[-1] if mean_out is not None else dp
+    mom = torch.empty((h, 2, 4), device=stats.kpart.device, dtype=torch.float64) if priority else None
+    _head_moments_kernel[(h,)](stats.kpart, stats.vpart if stats.vpart is not None else stats.kpart, lengths,
+                               mean_out if mean_out is not None else stats.kpart, mom if mom is not None else stats.kpart,
+                               b, h, n_chunks, DP=dp, D=d, NSTAT=nstat, WRITE_MEAN=mean_out is not None,
+                               PRIORITY=priority, num_warps=1)
+    return mom
+
+
+def assign_bits_from_moments(mom: torch.Tensor, n_low: int, count: int, prio: torch.Tensor, bits: torch.Tensor,
+                             slots: torch.Tensor) -> None:
+    """Priorities and bit assignment on the device (no host synchronisation); see `_assign_bits_kernel`.
+
+    mom: float64 [H, 2, 4] from `head_moments`; count = sum(lengths) * D. Writes prio fp32 [H] and
+    bits, slots int32 [H] (all zero priorities when count is 0: the first n_low heads get 2 bits).
+    """
+    h = mom.shape[0]
+    _assign_bits_kernel[(1,)](mom, prio, bits, slots, h, n_low, float(max(count, 1)),
+                              HP=max(16, triton.next_power_of_2(h)), num_warps=1)
+
+
 def smoothing_from_stats(stats: ChannelStats, group: int, n_k_rows: int, fold: float, d: int, dp: int,
                          balance: str = "qk") -> torch.Tensor:
     """[B * Hkv, 3, DP] fp32: K's per-channel mean mu, 1/c and c (reference.smooth_k + balance_qk_channels).
@@ -317,7 +443,8 @@ def quantize_kv_tiles(q, k, v, block_n: int, sm_scale: float, smooth: bool, bala
         if smooth:
             vectors = smoothing_from_stats(stats, q.shape[1] // hkv, nk, fold, d, dp, balance)
     if kv_cache is not None:
-        kv_cache.begin_prefill([nk] * b, bits, stats if cache_stats else None)
+        kv_cache.set_lengths([nk] * b)
+        kv_cache.begin_prefill(bits, stats if cache_stats else None)
     n_tiles = triton.cdiv(nk, block_n)
     n_pad = n_tiles * block_n
     k_codes = torch.empty((b, hkv, n_pad, dp), device=k.device, dtype=torch.int8)
@@ -331,7 +458,8 @@ def quantize_kv_tiles(q, k, v, block_n: int, sm_scale: float, smooth: bool, bala
     else:
         state, (h4, h2, nblk) = (k_scales,) * 20, (0, 0, 0)
         cache_const = dict(C_NB=16, C_NBP=16, C_VG=16, C_NG=1, C_HAS_MEAN=False)
-    _quantize_kv_kernel[(n_tiles, b * hkv)](
+    n_cache_programs = triton.cdiv(nk, kv_cache.block_tokens) if kv_cache is not None else 0
+    _quantize_kv_kernel[(n_tiles + n_cache_programs, b * hkv)](
         k, v, k_codes, vt_codes, k_scales, v_scales, vectors if vectors is not None else k_scales,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), hkv, nk, n_pad, n_tiles,
         *state, h4, h2, nblk,

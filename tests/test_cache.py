@@ -119,6 +119,23 @@ def test_decode_tile_and_split_heuristics():
     assert decode_num_splits(8, 8, 132) == 8 // MIN_TILES_PER_SPLIT
 
 
+def test_lowbit_quotient_from_fp32_is_the_exact_floor():
+    """decode._lowbit takes floor(num / scale) as trunc(num * (1 / scale) + 2^-9) in fp32. Over the
+    whole domain (0 <= num <= 381, 1 <= scale <= 254; the kernel needs num <= 296, scale <= 85) it
+    equals the integer quotient, with the reciprocal up to 2 ulp off (the GPU's approximate
+    division), the product rounded before the add or fused with it (FFMA)."""
+    num = torch.arange(0, 382, dtype=torch.int32)[:, None]
+    scale = torch.arange(1, 255, dtype=torch.int32)[None, :]
+    inv = 1.0 / scale.float()
+    ulp = torch.nextafter(inv, torch.full_like(inv, 2.0)) - inv
+    for off in (-2, -1, 0, 1, 2):
+        r = inv + off * ulp
+        separate = (num.float() * r + 2.0 ** -9).to(torch.int32)
+        fused = (num.double() * r.double() + 2.0 ** -9).float().to(torch.int32)
+        assert torch.equal(separate, num // scale), off
+        assert torch.equal(fused, num // scale), off
+
+
 # ------------------------------------------------------------------ prefill contents
 
 @pytest.mark.parametrize("b,hkv,d,n,lengths,bits,v_group", [

@@ -9,8 +9,8 @@ What is checked, and why the checks are exact:
 - decoding from the filled cache matches `reference.decode_attention_reference` on its contents
   (SQNR >= 65 dB with fp16 q, as in tests/test_cache.py) and exact attention over the history;
 - the statistics-pass priorities and mean match `reference.kv_head_priority` / `kv_smoothing_mean`:
-  float64 over fp32 per-chunk partials, so to PRIORITY_RTOL (fp32 sums of squares over a few hundred
-  values: ~1e-6 relative measured);
+  float64 over fp32 per-chunk partials, so to PRIORITY_RTOL (fp32 sums of squares over 256-row
+  chunks);
 - a bad kv_cache raises before any launch and leaves the cache as it was.
 """
 
@@ -99,34 +99,86 @@ def test_pinned_bits_are_used_by_the_prefill(device):
     assert cache.head_bits == [2, 4, 4, 2]
 
 
+def _device_priority(stats, lens, mean, n_low, d, device):
+    from kernels.quant import assign_bits_from_moments, head_moments
+
+    h = stats.kpart.shape[0] // len(lens)
+    lens_dev = torch.tensor(lens, dtype=torch.int32, device=device)
+    mom = head_moments(stats, lens_dev, mean, priority=True)
+    prio = torch.empty(h, device=device)
+    bits = torch.empty(h, dtype=torch.int32, device=device)
+    slots = torch.empty_like(bits)
+    assign_bits_from_moments(mom, n_low, sum(lens) * d, prio, bits, slots)
+    return prio.cpu(), bits.cpu().tolist(), slots.cpu().tolist()
+
+
 def test_statistics_priority_and_mean_match_the_reference(device):
     """Batch of 3 with lengths 150, 0, 77 (an empty sequence), heads of different scales."""
-    from kernels.cache import mean_from_stats, priority_from_stats
     from kernels.quant import channel_statistics
 
     _, k, v = R.outlier_qkv(3, 4, 4, 150, 96, dtype=torch.float32, seed=11)
     k = (k * torch.tensor([1.0, 3.0, 0.5, 2.0])[None, :, None, None]).half().to(device)
     v = (v * torch.tensor([2.0, 1.0, 0.7, 1.5])[None, :, None, None]).half().to(device)
-    lens = torch.tensor([150, 0, 77])
-    stats = channel_statistics(None, k, v, 128, sumsq=True, lengths=lens.to(device=device, dtype=torch.int32))
-    lens_f = lens.to(device=device, dtype=torch.float64)
-    mean = mean_from_stats(stats.kpart, lens_f, 96)
-    want_mean = R.kv_smoothing_mean(k, lens)
-    assert torch.allclose(mean, want_mean, rtol=1e-5, atol=1e-6)
-    for shift in (mean, None):
-        got = priority_from_stats(stats, lens_f, shift, 96)
-        want = R.kv_head_priority(k, v, lens, shift)
-        assert torch.allclose(got, want, rtol=PRIORITY_RTOL, atol=0), (got, want)
+    lens = [150, 0, 77]
+    stats = channel_statistics(None, k, v, 128, sumsq=True, lengths=torch.tensor(lens, dtype=torch.int32, device=device))
+    mean = torch.full((3, 4, 96), float("nan"), device=device)
+    prio, bits, slots = _device_priority(stats, lens, mean, 2, 96, device)
+    assert torch.allclose(mean, R.kv_smoothing_mean(k, torch.tensor(lens)), rtol=1e-5, atol=1e-6)
+    want = R.kv_head_priority(k, v, torch.tensor(lens), mean).cpu()
+    assert torch.allclose(prio, want, rtol=PRIORITY_RTOL, atol=0), (prio, want)
+    assert bits == R.assign_head_bits(want, 0.5).tolist() and slots == R.head_slots(bits)
+    # without smoothing, K's moments are about zero: the channel means' spread counts in the variance
+    prio, _, _ = _device_priority(stats, lens, None, 2, 96, device)
+    want = R.kv_head_priority(k, v, torch.tensor(lens), None).cpu()
+    assert torch.allclose(prio, want, rtol=PRIORITY_RTOL, atol=0), (prio, want)
 
 
-def test_statistics_of_an_all_empty_batch_are_zero(device):
-    from kernels.cache import priority_from_stats
+@pytest.mark.parametrize("priority,n_low", [
+    ([3.0, 1.0, 2.0, 1.0, 5.0], 2),  # a tie at the bottom: the lower index goes first
+    ([1.0, 1.0, 1.0, 1.0], 3),  # all equal: the first n_low heads
+    ([0.5, 4.0, 0.25, 2.0] * 5, 7),  # 20 heads, more than one warp's worth of lanes in HP
+    ([2.0, 1.0], 0),
+    ([2.0, 1.0], 2),
+])
+def test_device_assignment_is_a_stable_sort(priority, n_low, device):
+    """Moments crafted so that K's priority is the given value (std 1) and V's is 0: the device
+    assignment equals reference.assign_head_bits and its slots reference.head_slots."""
+    from kernels.quant import assign_bits_from_moments
+
+    h, count = len(priority), 1000
+    mom = torch.zeros(h, 2, 4, dtype=torch.float64)
+    mom[:, 0, 0] = torch.tensor(priority, dtype=torch.float64)
+    mom[:, 0, 1] = count  # sum of second moments: variance 1
+    prio = torch.empty(h, device=device)
+    bits = torch.empty(h, dtype=torch.int32, device=device)
+    slots = torch.empty_like(bits)
+    assign_bits_from_moments(mom.to(device), n_low, count, prio, bits, slots)
+    want = torch.tensor(priority) / torch.tensor(priority).mean()
+    assert torch.allclose(prio.cpu(), want, rtol=1e-6)
+    want_bits = R.assign_head_bits(want, n_low / h).tolist()
+    assert bits.cpu().tolist() == want_bits
+    assert slots.cpu().tolist() == R.head_slots(want_bits)
+
+
+def test_statistics_of_an_all_empty_batch(device):
+    """No token held: the mean is 0 (not NaN) and the priorities are all 0 (first heads take 2 bits)."""
     from kernels.quant import channel_statistics
 
     _, k, v = R.outlier_qkv(2, 2, 2, 20, 64, device=device, seed=1)
-    lens = torch.zeros(2, dtype=torch.int32, device=device)
-    stats = channel_statistics(None, k, v, 64, sumsq=True, lengths=lens)
-    assert torch.equal(priority_from_stats(stats, lens.double(), None, 64), torch.zeros(2, device=device))
+    stats = channel_statistics(None, k, v, 64, sumsq=True, lengths=torch.zeros(2, dtype=torch.int32, device=device))
+    mean = torch.full((2, 2, 64), float("nan"), device=device)
+    prio, bits, _ = _device_priority(stats, [0, 0], mean, 1, 64, device)
+    assert torch.equal(mean, torch.zeros_like(mean))
+    assert torch.equal(prio, torch.zeros(2)) and bits == [2, 4]
+
+
+def test_head_moments_refuses_partials_without_v():
+    from kernels.quant import channel_statistics, head_moments
+
+    _, k, _ = R.outlier_qkv(1, 2, 2, 20, 64, seed=1)
+    stats = channel_statistics(None, k, None, 64)
+    with pytest.raises(ValueError, match="need V's statistics"):
+        head_moments(stats, torch.tensor([20], dtype=torch.int32), None, priority=True)
 
 
 @pytest.mark.parametrize("make,exc,needle", [
