@@ -189,6 +189,7 @@ class TurboKVCache:
         self.head_bits_dev = torch.zeros(h, dtype=torch.int32, **z)
         self.head_slot_dev = torch.zeros(h, dtype=torch.int32, **z)
         self.pool4 = self.pool2 = None
+        self._bits = None
         self.priority = None  # fp32 [H] on the device: the priorities of the last assignment made there
         self._set_bits(R.assign_head_bits(torch.zeros(h), config.bit_mix).tolist())
 
@@ -205,6 +206,8 @@ class TurboKVCache:
             self.pool2 = self._alloc_pool(h2, 2)
 
     def _set_bits(self, bits: list[int]) -> None:
+        if self._bits is not None and self._bits == list(bits):
+            return  # already on the device (a copy from pageable memory would wait for the GPU)
         h2 = sum(1 for x in bits if x == 2)
         self._alloc_pools(len(bits) - h2, h2)
         self._bits = list(bits)
@@ -336,7 +339,7 @@ class TurboKVCache:
         if max(lens) == 0:
             return
         nb = self.block_tokens
-        grid = (triton.cdiv(max(lens), nb), self.batch * self.num_kv_heads)
+        grid = (2 * triton.cdiv(max(lens), nb), self.batch * self.num_kv_heads)  # K and V programs per block
         self._launch_quantize(grid, k, v, flush=False)
 
     def planned_bits(self, bits=None) -> list[int] | None:

@@ -134,10 +134,11 @@ def _pack_planar(codes, D: tl.constexpr, DP: tl.constexpr, W: tl.constexpr, WP: 
 
 
 @triton.jit
-def _quantize_tile(k, v, tmask, KC, KSC, KZ, VC, VSC, VZ, KS1, VS1, pool_blk, s1_off,
+def _quantize_tile(x, tmask, C, SC, Z, S1, pool_blk, s1_off,
                    NB: tl.constexpr, NBP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-                   VG: tl.constexpr, NG: tl.constexpr, BITS: tl.constexpr):
-    """BPQ stages 1 + 2 of one block (k already smoothed) into pool block `pool_blk` (int64)."""
+                   VG: tl.constexpr, NG: tl.constexpr, BITS: tl.constexpr, IS_V: tl.constexpr):
+    """BPQ stages 1 + 2 of one block of K (already smoothed) or, IS_V, of V into pool block
+    `pool_blk` (int64): codes C, scales SC, zero points Z, stage-1 scale S1[s1_off]."""
     LEVELS: tl.constexpr = (1 << BITS) - 1
     W: tl.constexpr = D * BITS // 8
     WP: tl.constexpr = max(16, triton.next_power_of_2(W))
@@ -148,69 +149,60 @@ def _quantize_tile(k, v, tmask, KC, KSC, KZ, VC, VSC, VZ, KS1, VS1, pool_blk, s1
     offs_w = tl.arange(0, WP)
     dmask = offs_d < D
     mask = tmask[:, None] & dmask[None, :]
-
-    # K: stage 1 over the tile, stage 2 per channel over the block's tokens
-    k8, s1k = _stage1_int8(k, mask)
-    lo = tl.min(tl.where(tmask[:, None], k8, 127), axis=0)
-    hi = tl.max(tl.where(tmask[:, None], k8, -127), axis=0)
-    scale = tl.maximum((hi - lo + LEVELS - 1) // LEVELS, 1)
-    kcode = _lowbit(k8, lo[None, :], scale[None, :], (1.0 / scale.to(tl.float32))[None, :], LEVELS)
-    kwords = _pack_planar(kcode, D, DP, W, WP, BITS)
+    x8, s1 = _stage1_int8(x, mask)
+    if IS_V:
+        # stage 2 per token over groups of VG channels (the last may be partial)
+        x3 = tl.reshape(x8, (NBP, NGP, VGK))
+        chan3 = tl.arange(0, NGP)[None, :, None] * VGK + tl.arange(0, VGK)[None, None, :]
+        valid3 = chan3 < D
+        lo = tl.min(tl.where(valid3, x3, 127), axis=2)
+        hi = tl.max(tl.where(valid3, x3, -127), axis=2)
+        scale = tl.maximum((hi - lo + LEVELS - 1) // LEVELS, 1)
+        code3 = _lowbit(x3, lo[:, :, None], scale[:, :, None], (1.0 / scale.to(tl.float32))[:, :, None], LEVELS)
+        code = tl.reshape(code3, (NBP, DP))
+        offs_g = tl.arange(0, NGP)
+        gmask = tmask[:, None] & (offs_g[None, :] < NG)
+        g_ptrs = (pool_blk * NB + offs_t[:, None]) * NG + offs_g[None, :]
+        tl.store(SC + g_ptrs, scale.to(tl.int8), mask=gmask)
+        tl.store(Z + g_ptrs, lo.to(tl.int8), mask=gmask)
+    else:
+        # stage 2 per channel over the block's tokens
+        lo = tl.min(tl.where(tmask[:, None], x8, 127), axis=0)
+        hi = tl.max(tl.where(tmask[:, None], x8, -127), axis=0)
+        scale = tl.maximum((hi - lo + LEVELS - 1) // LEVELS, 1)
+        code = _lowbit(x8, lo[None, :], scale[None, :], (1.0 / scale.to(tl.float32))[None, :], LEVELS)
+        tl.store(SC + pool_blk * D + offs_d, scale.to(tl.int8), mask=dmask)
+        tl.store(Z + pool_blk * D + offs_d, lo.to(tl.int8), mask=dmask)
+    words = _pack_planar(code, D, DP, W, WP, BITS)
     wmask = tmask[:, None] & (offs_w[None, :] < W)
-    word_ptrs = pool_blk * (NB * W) + offs_t[:, None] * W + offs_w[None, :]
-    tl.store(KC + word_ptrs, kwords, mask=wmask)
-    tl.store(KSC + pool_blk * D + offs_d, scale.to(tl.int8), mask=dmask)
-    tl.store(KZ + pool_blk * D + offs_d, lo.to(tl.int8), mask=dmask)
-    tl.store(KS1 + s1_off, s1k)
-
-    # V: stage 1 over the tile, stage 2 per token over groups of VG channels (last may be partial)
-    v8, s1v = _stage1_int8(v, mask)
-    v3 = tl.reshape(v8, (NBP, NGP, VGK))
-    chan3 = tl.arange(0, NGP)[None, :, None] * VGK + tl.arange(0, VGK)[None, None, :]
-    valid3 = chan3 < D
-    vlo = tl.min(tl.where(valid3, v3, 127), axis=2)
-    vhi = tl.max(tl.where(valid3, v3, -127), axis=2)
-    vscale = tl.maximum((vhi - vlo + LEVELS - 1) // LEVELS, 1)
-    vcode3 = _lowbit(v3, vlo[:, :, None], vscale[:, :, None], (1.0 / vscale.to(tl.float32))[:, :, None], LEVELS)
-    vcode = tl.reshape(vcode3, (NBP, DP))
-    vwords = _pack_planar(vcode, D, DP, W, WP, BITS)
-    tl.store(VC + word_ptrs, vwords, mask=wmask)
-    offs_g = tl.arange(0, NGP)
-    gmask = tmask[:, None] & (offs_g[None, :] < NG)
-    g_ptrs = (pool_blk * NB + offs_t[:, None]) * NG + offs_g[None, :]
-    tl.store(VSC + g_ptrs, vscale.to(tl.int8), mask=gmask)
-    tl.store(VZ + g_ptrs, vlo.to(tl.int8), mask=gmask)
-    tl.store(VS1 + s1_off, s1v)
+    tl.store(C + pool_blk * (NB * W) + offs_t[:, None] * W + offs_w[None, :], words, mask=wmask)
+    tl.store(S1 + s1_off, s1)
 
 
 @triton.jit
-def _pool_block(src_k, src_v, stride_kn, stride_vn, blk, b, h, pid_bh, MEAN, HEAD_BITS, HEAD_SLOT,
-                KC4, KSC4, KZ4, VC4, VSC4, VZ4, KC2, KSC2, KZ2, VC2, VSC2, VZ2, KS1, VS1, H4, H2, NBLK,
+def _pool_block(src, stride_n, blk, b, h, pid_bh, MEAN, HEAD_BITS, HEAD_SLOT, C4, SC4, Z4, C2, SC2, Z2, S1, H4, H2, NBLK,
                 D: tl.constexpr, DP: tl.constexpr, NB: tl.constexpr, NBP: tl.constexpr,
-                VG: tl.constexpr, NG: tl.constexpr, HAS_MEAN: tl.constexpr):
-    """The NB rows at src_k / src_v (sequence b, KV head h) -> block `blk` of the head's pool
-    (minus the smoothing mean when HAS_MEAN), with its stage-1 scales."""
+                VG: tl.constexpr, NG: tl.constexpr, HAS_MEAN: tl.constexpr, IS_V: tl.constexpr):
+    """The NB rows of K (or, IS_V, of V) at src (sequence b, KV head h) -> block `blk` of the head's
+    pool (K minus the smoothing mean when HAS_MEAN), with its stage-1 scale. K and V are separate
+    calls (separate programs in the prefill: half the registers each, twice the occupancy)."""
     offs_t = tl.arange(0, NBP)
     offs_d = tl.arange(0, DP)
     dmask = offs_d < D
     tmask = offs_t < NB
     mask = tmask[:, None] & dmask[None, :]
-    rows = offs_t[:, None].to(tl.int64)
-    k = tl.load(src_k + rows * stride_kn + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-    v = tl.load(src_v + rows * stride_vn + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-    if HAS_MEAN:
-        k = k - tl.load(MEAN + pid_bh.to(tl.int64) * D + offs_d, mask=dmask, other=0.0)[None, :]
+    x = tl.load(src + offs_t[:, None].to(tl.int64) * stride_n + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_MEAN and not IS_V:
+        x = x - tl.load(MEAN + pid_bh.to(tl.int64) * D + offs_d, mask=dmask, other=0.0)[None, :]
     bits = tl.load(HEAD_BITS + h)
     slot = tl.load(HEAD_SLOT + h)
     s1_off = pid_bh.to(tl.int64) * NBLK + blk
     if bits == 4:
         pool_blk = (b.to(tl.int64) * H4 + slot) * NBLK + blk
-        _quantize_tile(k, v, tmask, KC4, KSC4, KZ4, VC4, VSC4, VZ4, KS1, VS1, pool_blk, s1_off,
-                       NB, NBP, D, DP, VG, NG, 4)
+        _quantize_tile(x, tmask, C4, SC4, Z4, S1, pool_blk, s1_off, NB, NBP, D, DP, VG, NG, 4, IS_V)
     else:
         pool_blk = (b.to(tl.int64) * H2 + slot) * NBLK + blk
-        _quantize_tile(k, v, tmask, KC2, KSC2, KZ2, VC2, VSC2, VZ2, KS1, VS1, pool_blk, s1_off,
-                       NB, NBP, D, DP, VG, NG, 2)
+        _quantize_tile(x, tmask, C2, SC2, Z2, S1, pool_blk, s1_off, NB, NBP, D, DP, VG, NG, 2, IS_V)
 
 
 @triton.jit
@@ -236,8 +228,9 @@ def _quantize_blocks_kernel(
         KS1, VS1, KBUF, VBUF, H, H4, H2, NBLK,
         D: tl.constexpr, DP: tl.constexpr, NB: tl.constexpr, NBP: tl.constexpr,
         VG: tl.constexpr, NG: tl.constexpr, FLUSH: tl.constexpr, HAS_MEAN: tl.constexpr):
-    """PREFILL: program (j, b * H + h) quantizes prompt block j (or copies the partial block j to the
-    buffer); FLUSH: program (0, b * H + h) moves a just-filled buffer (K, V = the buffer) to its block."""
+    """PREFILL: programs (2 j, b * H + h) and (2 j + 1, b * H + h) quantize prompt block j's K and V
+    (the first also copies a partial block j to the buffer); FLUSH: program (0, b * H + h) moves a
+    just-filled buffer (K, V = the buffer) to its block."""
     tl.static_assert(NB % 16 == 0)
     pid_j = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -249,18 +242,23 @@ def _quantize_blocks_kernel(
         do_block = (length % NB) == 0
         blk = length // NB - 1
         rest = 0
+        part = 0
     else:
+        part = pid_j % 2
+        blk = pid_j // 2
         full = length // NB
-        do_block = pid_j < full
-        blk = pid_j
-        rest = tl.where(pid_j == full, length - full * NB, 0)
-    src_start = pid_j * NB  # FLUSH runs one program per head (pid_j = 0): the buffer's row 0
-    src_k = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh + src_start.to(tl.int64) * stride_kn
-    src_v = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh + src_start.to(tl.int64) * stride_vn
+        do_block = blk < full
+        rest = tl.where((blk == full) & (part == 0), length - full * NB, 0)
+    src_start = tl.where(FLUSH, 0, blk * NB).to(tl.int64)
+    src_k = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh + src_start * stride_kn
+    src_v = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh + src_start * stride_vn
     if do_block:
-        _pool_block(src_k, src_v, stride_kn, stride_vn, blk, b, h, pid_bh, MEAN, HEAD_BITS, HEAD_SLOT,
-                    KC4, KSC4, KZ4, VC4, VSC4, VZ4, KC2, KSC2, KZ2, VC2, VSC2, VZ2, KS1, VS1, H4, H2, NBLK,
-                    D, DP, NB, NBP, VG, NG, HAS_MEAN)
+        if part == 0:
+            _pool_block(src_k, stride_kn, blk, b, h, pid_bh, MEAN, HEAD_BITS, HEAD_SLOT, KC4, KSC4, KZ4, KC2, KSC2, KZ2,
+                        KS1, H4, H2, NBLK, D, DP, NB, NBP, VG, NG, HAS_MEAN, False)
+        if FLUSH or part == 1:
+            _pool_block(src_v, stride_vn, blk, b, h, pid_bh, MEAN, HEAD_BITS, HEAD_SLOT, VC4, VSC4, VZ4, VC2, VSC2, VZ2,
+                        VS1, H4, H2, NBLK, D, DP, NB, NBP, VG, NG, HAS_MEAN, True)
     if rest > 0:
         _buffer_rows(src_k, src_v, stride_kn, stride_vn, rest, pid_bh, KBUF, VBUF, D, DP, NB, NBP)
 

@@ -34,6 +34,7 @@ STATS_CHUNK = 256  # rows per program of the statistics pass
 STATS_SUB = 64  # rows per load inside it (Q: one fp32 running-max tile of this many rows)
 STATS_SUB_K = 32  # K: three fp32 running tiles (sum, max, min) of this many rows
 QUANT_NUM_WARPS = 4
+MOMENT_CHUNKS = 8  # statistics chunks reduced per step of the moments kernel
 
 
 @triton.jit
@@ -114,79 +115,82 @@ def _channel_stats_kernel(Qx, Kx, Vx, QPART, KPART, VPART, LEN, stride_qb, strid
 
 
 @triton.jit
-def _head_moments_kernel(KPART, VPART, LEN, MEAN, MOM, B, H, n_chunks, DP: tl.constexpr, D: tl.constexpr,
-                         NSTAT: tl.constexpr, WRITE_MEAN: tl.constexpr, PRIORITY: tl.constexpr):
-    """Program h: reduce the statistics pass's chunks of KV head h over every sequence b (float64).
+def _head_moments_kernel(KPART, VPART, LEN, MEAN, MOM, H, n_chunks, DP: tl.constexpr, D: tl.constexpr,
+                         NSTAT: tl.constexpr, CH: tl.constexpr, WRITE_MEAN: tl.constexpr, PRIORITY: tl.constexpr):
+    """Program (b, h): reduce the statistics pass's chunks of sequence b, KV head h (float64).
 
     WRITE_MEAN: MEAN[b, h, :D] = K's per-channel mean over LEN[b] rows (0 if none), fp32.
-    PRIORITY (NSTAT = 4): MOM[h] = for K (minus that mean when WRITE_MEAN) then V: the gap
-    max - min over all values, and, over every (b, channel) with n = LEN[b] and channel mean c,
-    sum of the second moments about c, sum n c and sum n c^2 (the host turns these into the variance).
+    PRIORITY (NSTAT = 4): MOM[b, h] = for K (minus that mean when WRITE_MEAN) then V: the largest and
+    smallest value, and over the channels (n = LEN[b], channel mean c) the sum of the second
+    moments about c, sum n c and sum n c^2 (`_assign_bits_kernel` combines the sequences).
     """
-    h = tl.program_id(0)
+    pid_b = tl.program_id(0)
+    h = tl.program_id(1)
     offs_d = tl.arange(0, DP)
+    offs_c = tl.arange(0, CH)
     dmask = offs_d < D
+    n_rows = tl.load(LEN + pid_b)
+    n = n_rows.to(tl.float64)
+    row0 = (pid_b * H + h).to(tl.int64) * n_chunks * NSTAT * DP
     for t in tl.static_range(2 if PRIORITY else 1):
         PART = KPART if t == 0 else VPART
-        hi = tl.full([DP], float("-inf"), dtype=tl.float64)
-        lo = tl.full([DP], float("inf"), dtype=tl.float64)
-        m2 = tl.zeros([DP], dtype=tl.float64)
-        s1 = tl.zeros([DP], dtype=tl.float64)
-        s2 = tl.zeros([DP], dtype=tl.float64)
-        for b in range(0, B):
-            n_rows = tl.load(LEN + b)
-            n = n_rows.to(tl.float64)
-            row = PART + (b * H + h).to(tl.int64) * n_chunks * NSTAT * DP
-            total = tl.zeros([DP], dtype=tl.float64)
-            sq = tl.zeros([DP], dtype=tl.float64)
-            mx = tl.full([DP], float("-inf"), dtype=tl.float64)
-            mn = tl.full([DP], float("inf"), dtype=tl.float64)
-            for c in range(0, n_chunks):
-                chunk = row + c * NSTAT * DP
-                total += tl.load(chunk + offs_d).to(tl.float64)
-                if PRIORITY:
-                    mx = tl.maximum(mx, tl.load(chunk + DP + offs_d).to(tl.float64))
-                    mn = tl.minimum(mn, tl.load(chunk + 2 * DP + offs_d).to(tl.float64))
-                    sq += tl.load(chunk + 3 * DP + offs_d).to(tl.float64)
-            mean = total / tl.maximum(n, 1.0)
-            if t == 0 and WRITE_MEAN:
-                tl.store(MEAN + (b * H + h).to(tl.int64) * D + offs_d, mean.to(tl.float32), mask=dmask)
+        total = tl.zeros([CH, DP], dtype=tl.float64)
+        sq = tl.zeros([CH, DP], dtype=tl.float64)
+        mx = tl.full([CH, DP], float("-inf"), dtype=tl.float32)
+        mn = tl.full([CH, DP], float("inf"), dtype=tl.float32)
+        for c0 in range(0, n_chunks, CH):
+            cmask = (c0 + offs_c)[:, None] < n_chunks
+            ptrs = PART + row0 + (c0 + offs_c)[:, None] * (NSTAT * DP) + offs_d[None, :]
+            total += tl.load(ptrs, mask=cmask, other=0.0).to(tl.float64)
             if PRIORITY:
-                shift = mean if (t == 0 and WRITE_MEAN) else tl.zeros([DP], dtype=tl.float64)
-                ok = dmask & (tl.zeros([DP], dtype=tl.int32) + n_rows > 0)
-                hi = tl.maximum(hi, tl.where(ok, mx - shift, float("-inf")))
-                lo = tl.minimum(lo, tl.where(ok, mn - shift, float("inf")))
-                m2 += tl.where(ok, tl.maximum(sq - n * mean * mean, 0.0), 0.0)
-                centred = tl.where(ok, mean - shift, 0.0)
-                s1 += n * centred
-                s2 += n * centred * centred
+                mx = tl.maximum(mx, tl.load(ptrs + DP, mask=cmask, other=float("-inf")))
+                mn = tl.minimum(mn, tl.load(ptrs + 2 * DP, mask=cmask, other=float("inf")))
+                sq += tl.load(ptrs + 3 * DP, mask=cmask, other=0.0).to(tl.float64)
+        mean = tl.sum(total, axis=0) / tl.maximum(n, 1.0)
+        if t == 0 and WRITE_MEAN:
+            tl.store(MEAN + (pid_b * H + h).to(tl.int64) * D + offs_d, mean.to(tl.float32), mask=dmask)
         if PRIORITY:
-            out = MOM + h * 8 + t * 4
-            top = tl.max(hi, axis=0)
-            tl.store(out, tl.where(top > float("-inf"), top - tl.min(lo, axis=0), 0.0))  # 0: no value held
-            tl.store(out + 1, tl.sum(m2, axis=0))
-            tl.store(out + 2, tl.sum(s1, axis=0))
-            tl.store(out + 3, tl.sum(s2, axis=0))
+            shift = mean if (t == 0 and WRITE_MEAN) else tl.zeros([DP], dtype=tl.float64)
+            ok = dmask & (tl.zeros([DP], dtype=tl.int32) + n_rows > 0)
+            hi = tl.where(ok, tl.max(mx, axis=0).to(tl.float64) - shift, float("-inf"))
+            lo = tl.where(ok, tl.min(mn, axis=0).to(tl.float64) - shift, float("inf"))
+            m2 = tl.where(ok, tl.maximum(tl.sum(sq, axis=0) - n * mean * mean, 0.0), 0.0)
+            centred = tl.where(ok, mean - shift, 0.0)
+            out = MOM + ((pid_b * H + h) * 2 + t) * 5
+            tl.store(out, tl.max(hi, axis=0))
+            tl.store(out + 1, tl.min(lo, axis=0))
+            tl.store(out + 2, tl.sum(m2, axis=0))
+            tl.store(out + 3, tl.sum(n * centred, axis=0))
+            tl.store(out + 4, tl.sum(n * centred * centred, axis=0))
 
 
 @triton.jit
-def _assign_bits_kernel(MOM, PRIO, BITS, SLOT, H, n_low, count, HP: tl.constexpr):
+def _assign_bits_kernel(MOM, PRIO, BITS, SLOT, B, H, n_low, count, HP: tl.constexpr):
     """One program: head priorities from `_head_moments_kernel`'s moments, then the bit assignment.
 
-    priority = sum over (K, V) of p / mean_h(p) with p = gap x std, std^2 = (sum m2 + sum n c^2 -
-    (sum n c)^2 / count) / count (reference.kv_head_priority); the n_low heads of lowest fp32
-    priority (ties: lower index first, as a stable sort) get 2 bits, the rest 4; a head's slot is
-    its index among the heads of its width (reference.head_slots). PRIO [H] fp32, BITS, SLOT [H] int32.
+    Over the B sequences: gap = max - min of the values, std^2 = (sum m2 + sum n c^2 - (sum n c)^2 /
+    count) / count; priority = sum over (K, V) of p / mean_h(p) with p = gap x std
+    (reference.kv_head_priority); the n_low heads of lowest fp32 priority (ties: lower index first,
+    as a stable sort) get 2 bits, the rest 4; a head's slot is its index among the heads of its
+    width (reference.head_slots). PRIO [H] fp32, BITS, SLOT [H] int32.
     """
     offs = tl.arange(0, HP)
     hm = offs < H
     total = tl.zeros([HP], dtype=tl.float64)
     for t in tl.static_range(2):
-        base = MOM + offs * 8 + t * 4
-        gap = tl.load(base, mask=hm, other=0.0)
-        m2 = tl.load(base + 1, mask=hm, other=0.0)
-        s1 = tl.load(base + 2, mask=hm, other=0.0)
-        s2 = tl.load(base + 3, mask=hm, other=0.0)
+        hi = tl.full([HP], float("-inf"), dtype=tl.float64)
+        lo = tl.full([HP], float("inf"), dtype=tl.float64)
+        m2 = tl.zeros([HP], dtype=tl.float64)
+        s1 = tl.zeros([HP], dtype=tl.float64)
+        s2 = tl.zeros([HP], dtype=tl.float64)
+        for b in range(0, B):
+            base = MOM + ((b * H + offs) * 2 + t) * 5
+            hi = tl.maximum(hi, tl.load(base, mask=hm, other=float("-inf")))
+            lo = tl.minimum(lo, tl.load(base + 1, mask=hm, other=float("inf")))
+            m2 += tl.load(base + 2, mask=hm, other=0.0)
+            s1 += tl.load(base + 3, mask=hm, other=0.0)
+            s2 += tl.load(base + 4, mask=hm, other=0.0)
+        gap = tl.where(hi > float("-inf"), hi - lo, 0.0)  # 0: the head holds no value
         var = tl.maximum((m2 + s2 - s1 * s1 / count) / count, 0.0)
         pr = tl.where(hm, gap * tl.sqrt(var), 0.0)
         mean = tl.sum(pr, axis=0) / H
@@ -264,9 +268,9 @@ def _quantize_kv_kernel(Kx, Vx, KC, VT, KS, VS, SMOOTH, stride_kb, stride_kh, st
                         C_NG: tl.constexpr, C_HAS_MEAN: tl.constexpr):
     """Program (tile, batch x KV head): K tile -> rows of codes, V tile -> transposed codes, two scales.
 
-    CACHE: programs n_tiles + j store block j of the prompt into a TurboKVCache (kernels/decode.py's
-    format): a whole block of C_NB tokens goes to the head's 4- or 2-bit pool (minus the cache's
-    own smoothing mean), a partial last block to the residual buffer. They run right after the
+    CACHE: programs n_tiles + 2 j (K) and n_tiles + 2 j + 1 (V) store block j of the prompt into a
+    TurboKVCache (kernels/decode.py's format): a whole block of C_NB tokens goes to the head's 4- or
+    2-bit pool (K minus the cache's own smoothing mean), a partial last block to the residual buffer. They run right after the
     head's INT8 tiles (the grid's first axis varies fastest), which have just brought the same rows
     into L2, so K and V are read from memory about once. (Doing both in one program spilled.)
     """
@@ -295,14 +299,19 @@ def _quantize_kv_kernel(Kx, Vx, KC, VT, KS, VS, SMOOTH, stride_kb, stride_kh, st
         tl.store(VS + pid_bh.to(tl.int64) * n_tiles + pid_t, v_scale)
     if CACHE:
         if pid_t >= n_tiles:
-            start = (pid_t - n_tiles).to(tl.int64) * C_NB
+            j = pid_t - n_tiles
+            blk = j // 2
+            start = blk.to(tl.int64) * C_NB
             src_k = k_head + start * stride_kn
             src_v = v_head + start * stride_vn
             if start + C_NB <= N:
-                _pool_block(src_k, src_v, stride_kn, stride_vn, pid_t - n_tiles, b, h, pid_bh, C_MEAN, C_BITS, C_SLOT,
-                            KC4, KSC4, KZ4, VC4, VSC4, VZ4, KC2, KSC2, KZ2, VC2, VSC2, VZ2, C_KS1, C_VS1,
-                            C_H4, C_H2, C_NBLK, D, DP, C_NB, C_NBP, C_VG, C_NG, C_HAS_MEAN)
-            else:
+                if j % 2 == 0:
+                    _pool_block(src_k, stride_kn, blk, b, h, pid_bh, C_MEAN, C_BITS, C_SLOT, KC4, KSC4, KZ4, KC2, KSC2,
+                                KZ2, C_KS1, C_H4, C_H2, C_NBLK, D, DP, C_NB, C_NBP, C_VG, C_NG, C_HAS_MEAN, False)
+                else:
+                    _pool_block(src_v, stride_vn, blk, b, h, pid_bh, C_MEAN, C_BITS, C_SLOT, VC4, VSC4, VZ4, VC2, VSC2,
+                                VZ2, C_VS1, C_H4, C_H2, C_NBLK, D, DP, C_NB, C_NBP, C_VG, C_NG, C_HAS_MEAN, True)
+            elif j % 2 == 0:
                 _buffer_rows(src_k, src_v, stride_kn, stride_vn, N - start, pid_bh, C_KBUF, C_VBUF, D, DP, C_NB, C_NBP)
 
 
@@ -369,8 +378,8 @@ def head_moments(stats: ChannelStats, lengths: torch.Tensor, mean_out: torch.Ten
     """One launch over the statistics pass's partials (see `_head_moments_kernel`).
 
     lengths: int32 [B] on the device. mean_out: fp32 [B, H, D] that receives K's per-channel mean
-    (None: not computed, and K's moments are about 0). priority: return float64 [H, 2, 4] moments
-    (K, V) x (gap, sum m2, sum n c, sum n c^2) (stats must hold V and sums of squares).
+    (None: not computed, and K's moments are about 0). priority: return float64 [B, H, 2, 5]
+    moments for `assign_bits_from_moments` (stats must hold V and sums of squares).
     """
     bh, n_chunks, nstat, dp = stats.kpart.shape
     b = lengths.numel()
@@ -378,11 +387,12 @@ def head_moments(stats: ChannelStats, lengths: torch.Tensor, mean_out: torch.Ten
     if priority and (stats.vpart is None or nstat != 4):
         raise ValueError("head priorities need V's statistics with sums of squares")
     d = mean_out.shape[-1] if mean_out is not None else dp
-    mom = torch.empty((h, 2, 4), device=stats.kpart.device, dtype=torch.float64) if priority else None
-    _head_moments_kernel[(h,)](stats.kpart, stats.vpart if stats.vpart is not None else stats.kpart, lengths,
-                               mean_out if mean_out is not None else stats.kpart, mom if mom is not None else stats.kpart,
-                               b, h, n_chunks, DP=dp, D=d, NSTAT=nstat, WRITE_MEAN=mean_out is not None,
-                               PRIORITY=priority, num_warps=1)
+    mom = torch.empty((b, h, 2, 5), device=stats.kpart.device, dtype=torch.float64) if priority else None
+    _head_moments_kernel[(b, h)](stats.kpart, stats.vpart if stats.vpart is not None else stats.kpart, lengths,
+                                 mean_out if mean_out is not None else stats.kpart,
+                                 mom if mom is not None else stats.kpart, h, n_chunks, DP=dp, D=d, NSTAT=nstat,
+                                 CH=MOMENT_CHUNKS, WRITE_MEAN=mean_out is not None, PRIORITY=priority,
+                                 num_warps=QUANT_NUM_WARPS)
     return mom
 
 
@@ -390,11 +400,11 @@ def assign_bits_from_moments(mom: torch.Tensor, n_low: int, count: int, prio: to
                              slots: torch.Tensor) -> None:
     """Priorities and bit assignment on the device (no host synchronisation); see `_assign_bits_kernel`.
 
-    mom: float64 [H, 2, 4] from `head_moments`; count = sum(lengths) * D. Writes prio fp32 [H] and
+    mom: float64 [B, H, 2, 5] from `head_moments`; count = sum(lengths) * D. Writes prio fp32 [H] and
     bits, slots int32 [H] (all zero priorities when count is 0: the first n_low heads get 2 bits).
     """
-    h = mom.shape[0]
-    _assign_bits_kernel[(1,)](mom, prio, bits, slots, h, n_low, float(max(count, 1)),
+    b, h = mom.shape[0], mom.shape[1]
+    _assign_bits_kernel[(1,)](mom, prio, bits, slots, b, h, n_low, float(max(count, 1)),
                               HP=max(16, triton.next_power_of_2(h)), num_warps=1)
 
 
@@ -458,7 +468,7 @@ def quantize_kv_tiles(q, k, v, block_n: int, sm_scale: float, smooth: bool, bala
     else:
         state, (h4, h2, nblk) = (k_scales,) * 20, (0, 0, 0)
         cache_const = dict(C_NB=16, C_NBP=16, C_VG=16, C_NG=1, C_HAS_MEAN=False)
-    n_cache_programs = triton.cdiv(nk, kv_cache.block_tokens) if kv_cache is not None else 0
+    n_cache_programs = 2 * triton.cdiv(nk, kv_cache.block_tokens) if kv_cache is not None else 0  # K and V
     _quantize_kv_kernel[(n_tiles + n_cache_programs, b * hkv)](
         k, v, k_codes, vt_codes, k_scales, v_scales, vectors if vectors is not None else k_scales,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), hkv, nk, n_pad, n_tiles,

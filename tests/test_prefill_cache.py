@@ -146,9 +146,13 @@ def test_device_assignment_is_a_stable_sort(priority, n_low, device):
     from kernels.quant import assign_bits_from_moments
 
     h, count = len(priority), 1000
-    mom = torch.zeros(h, 2, 4, dtype=torch.float64)
-    mom[:, 0, 0] = torch.tensor(priority, dtype=torch.float64)
-    mom[:, 0, 1] = count  # sum of second moments: variance 1
+    mom = torch.zeros(2, h, 2, 5, dtype=torch.float64)  # two sequences, (K, V) x (max, min, m2, s1, s2)
+    mom[0, :, :, 0] = torch.tensor(priority, dtype=torch.float64)[:, None]  # max, in sequence 0 only
+    mom[1, :, :, 0] = float("-inf")
+    mom[:, :, 1, 0] = float("-inf")  # V holds no value: gap 0, priority 0
+    mom[:, :, :, 1] = float("inf")
+    mom[:, :, 0, 1] = 0.0  # K's min 0 in both sequences: gap = priority
+    mom[1, :, 0, 2] = count  # second moments in sequence 1 only: variance 1
     prio = torch.empty(h, device=device)
     bits = torch.empty(h, dtype=torch.int32, device=device)
     slots = torch.empty_like(bits)
