@@ -42,7 +42,7 @@ import triton.language as tl
 
 from .sas import int_to_float_exact
 
-QUANT_NUM_WARPS = 4  # block quantization: one [n_b, D] tile per program, off the decode hot path
+QUANT_NUM_WARPS = 8  # block quantization, one [n_b, D] tile of K or V per program (H100: 8 warps ~10% faster than 4)
 APPEND_NUM_WARPS = 1
 REDUCE_NUM_WARPS = 4
 REDUCE_TILE_ELEMS = 8192  # [CHUNK, D] partials combined per step of the reduction loop (fp32 registers)

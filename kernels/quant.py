@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .decode import QUANT_NUM_WARPS as CACHE_QUANT_NUM_WARPS
 from .decode import _buffer_rows, _pool_block
 from .reference import LOG2E
 
@@ -474,5 +475,5 @@ def quantize_kv_tiles(q, k, v, block_n: int, sm_scale: float, smooth: bool, bala
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), hkv, nk, n_pad, n_tiles,
         *state, h4, h2, nblk,
         BLOCK=block_n, DP=dp, D=d, SMOOTH_K=smooth, CACHE=kv_cache is not None, **cache_const,
-        num_warps=QUANT_NUM_WARPS)
+        num_warps=QUANT_NUM_WARPS if kv_cache is None else CACHE_QUANT_NUM_WARPS)
     return QuantizedKV(k_codes, k_scales, vt_codes, v_scales, vectors, dp, nk)
