@@ -73,7 +73,7 @@ from . import reference as R
 from .checks import check_config, check_kernel_device, check_sm_scale, check_tensor
 from .config import KernelConfig
 from .quant import assign_bits_from_moments, channel_statistics, head_moments
-from .decode import (APPEND_NUM_WARPS, INTERPRETER_SMS, QUANT_NUM_WARPS, REDUCE_NUM_WARPS, REDUCE_TILE_ELEMS,
+from .decode import (APPEND_NUM_WARPS, FOLDED_ROWS, INTERPRETER_SMS, QUANT_NUM_WARPS, REDUCE_NUM_WARPS, REDUCE_TILE_ELEMS,
                      _append_kernel, _decode_reduce_kernel, _decode_split_kernel, _quantize_blocks_kernel,
                      decode_num_splits, decode_tile_tokens)
 
@@ -477,7 +477,8 @@ class TurboKVCache:
             *self.kernel_state_args(), pm, pl, pacc, scale * R.LOG2E, *self.kernel_head_args(), splits, per_split,
             G=group, BLOCK_G=block_g, D=d, DP=dp, NB=nb, BLOCK_N=self.decode_block_n,
             VG=self.config.v_group, NG=self.num_v_groups, HAS_MEAN=self.k_mean is not None, APPEND=not flush,
-            FAST=self.device.type == "cuda", PV_HILO=q.dtype == torch.float32,
+            FAST=self.device.type == "cuda", PV_HILO=q.dtype == torch.float32, INT8_QK=self.folded_decode(hq),
+            QK_SPLIT=self.config.decode_q_split or q.dtype == torch.float32, BLOCK_R=FOLDED_ROWS,
             num_warps=self.config.decode_num_warps, num_stages=self.config.decode_num_stages)
         out = torch.empty((b, hq, 1, d), device=self.device, dtype=q.dtype)
         chunk = min(triton.next_power_of_2(parts), max(1, REDUCE_TILE_ELEMS // dp))
@@ -487,6 +488,18 @@ class TurboKVCache:
         if commit:
             self._lengths = new_lengths
         return out
+
+    def folded_decode(self, hq: int) -> bool:
+        """Whether packed tiles run the INT8-score kernel (kernels.decode._packed_split_i8): when the
+        (query head, V group) rows of a KV head fit one 16-row tile; otherwise fp16 products."""
+        return (hq // self.num_kv_heads) * self.num_v_groups <= FOLDED_ROWS
+
+    def decode_score_bits(self, q_dtype: torch.dtype, hq: int) -> int | None:
+        """The `score_bits` of reference.decode_attention_reference that models a decode step with
+        queries of this dtype: 8 or 16 on the INT8-score kernel, None (exact q') otherwise."""
+        if not self.folded_decode(hq):
+            return None
+        return 16 if self.config.decode_q_split or q_dtype == torch.float32 else 8
 
     def decode_bytes_read(self, hq: int) -> int:
         """Bytes one decode step (no flush) reads from device memory at the current lengths: for each

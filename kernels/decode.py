@@ -16,9 +16,14 @@ Kernels:
   step that flushes; otherwise the split kernel's buffer program appends it).
 - `_decode_split_kernel` (flash-decoding): program (split s, sequence x KV head) runs an online
   base-2 softmax over its share of the packed tiles of BLOCK_N tokens, or (s == S) over the
-  buffer, for all G = Hq / Hkv query heads of the KV head at once ([G, D] x [D, BLOCK_N] products,
-  each KV tile loaded once), and writes partial (max m, sum l, acc). Per packed tile, with
-  q' = q * sm_scale * log2(e):
+  buffer, for all G = Hq / Hkv query heads of the KV head at once (each KV tile loaded once), and
+  writes partial (max m, sum l, acc). Packed tiles take one of two paths:
+  `_packed_split_i8` (FlashQ's decode) when G x NG <= 16 (NG = V groups; llama3-8b 4 x 4, phi3-mini
+  1 x 3): rows r = (query head, V group); scores are INT8 tensor-core products of the raw codes
+  with q' * kscale quantized per row and block (one INT8 operand, or hi + lo / 254 with
+  config.decode_q_split or fp32 q), and V's scales are folded into P per row's group, so no
+  element is dequantized at all; `_packed_split` otherwise (qwen2.5-7b's 7 x 4 rows would double
+  the tile), with fp16 products on dequantized values:
       s   = s1k * (sum_d (q'_d * kscale_d) code_d + sum_d q'_d * kzero_d)
       acc = acc * 2^(m - m_new) + s1v * p . (vcode * vscale + vzero)      (dequantized in registers)
   plane by plane (byte w of a token row holds channels w + i W): each byte is loaded once and its
@@ -49,9 +54,15 @@ REDUCE_TILE_ELEMS = 8192  # [CHUNK, D] partials combined per step of the reducti
 MIN_TILES_PER_SPLIT = 4  # a split shorter than this costs more in setup and partials than it saves
 TILES_PER_SPLIT = 16  # splits of about this many tiles amortize a program's fixed cost (H100 sweep)
 WAVES = 2  # programs per SM the split heuristic aims for
+# The INT8-score decode (`_packed_split_i8`) runs one row per (query head, V group) pair; it is used
+# when they fit one 16-row tensor-core tile (llama3-8b: 4 heads x 4 groups). With more (qwen2.5-7b:
+# 7 x 4) the doubled tile made it slower on the H100 than `_packed_split`, which is used instead.
+FOLDED_ROWS = 16
 INTERPRETER_SMS = 4  # no GPU: the interpreter runs programs one after another, so fewer is faster
 F16_MAGIC_CODE = tl.constexpr(0x6400)  # bits of fp16 1024.0: (0x6400 | c) is 1024 + c for 0 <= c < 1024
 F16_MAGIC_INT = tl.constexpr(0x6600)  # bits of fp16 1536.0: 0x6600 + x is 1536 + x for -512 <= x < 512
+MAGIC_ROUND = tl.constexpr(12582912.0)  # 1.5 * 2^23: for |y| < 2^22, y + M rounds y to an integer in M's low bits
+MAGIC_ROUND_BITS = tl.constexpr(0x4B400000)  # the fp32 bits of 1.5 * 2^23
 
 
 # ----------------------------------------------------------------------------- heuristics
@@ -339,6 +350,64 @@ def _unpack2(words, FAST: tl.constexpr):
                 _code_plane(words, 3, 2))
 
 
+_NIBBLES_I8_ASM = tl.constexpr("{ .reg .b32 t; and.b32 $0, $2, 0x0F0F0F0F; shr.b32 t, $2, 4; "
+                                 "and.b32 $1, t, 0x0F0F0F0F; }")
+_CRUMBS_I8_ASM = tl.constexpr("{ .reg .b32 t; and.b32 $0, $4, 0x03030303; shr.b32 t, $4, 2; and.b32 $1, t, 0x03030303; "
+                              "shr.b32 t, $4, 4; and.b32 $2, t, 0x03030303; shr.b32 t, $4, 6; "
+                              "and.b32 $3, t, 0x03030303; }")
+
+
+@triton.jit
+def _unpack_i8(words, BITS: tl.constexpr, FAST: tl.constexpr):
+    """uint8 bytes -> the 8 / BITS planes' codes as int8 (FAST: an `and` and a shift per 4 codes)."""
+    if BITS == 4:
+        if FAST:
+            return tl.inline_asm_elementwise(_NIBBLES_I8_ASM, "=r,=r,r", [words], dtype=(tl.int8, tl.int8),
+                                             is_pure=True, pack=4)
+        else:
+            return (words & 15).to(tl.int8), (words >> 4).to(tl.int8)
+    else:
+        if FAST:
+            return tl.inline_asm_elementwise(_CRUMBS_I8_ASM, "=r,=r,=r,=r,r", [words],
+                                             dtype=(tl.int8, tl.int8, tl.int8, tl.int8), is_pure=True, pack=4)
+        else:
+            return ((words & 3).to(tl.int8), ((words >> 2) & 3).to(tl.int8), ((words >> 4) & 3).to(tl.int8),
+                    (words >> 6).to(tl.int8))
+
+
+@triton.jit
+def _kscaled_plane(qf, KSC, KZ, blk_d, offs_w, PLANE: tl.constexpr, W: tl.constexpr, WP: tl.constexpr):
+    """The block's scaled query plane a = q' kscale [R, WP] fp32, and sum q' kzero [R]."""
+    chan = PLANE * W + offs_w
+    ksc = int_to_float_exact(_load_plane(KSC + blk_d + chan, offs_w, W, WP).to(tl.int32))
+    kz = int_to_float_exact(_load_plane(KZ + blk_d + chan, offs_w, W, WP).to(tl.int32))
+    return qf * ksc[None, :], tl.sum(qf * kz[None, :], axis=1)
+
+
+@triton.jit
+def _split_i8(a, inv):
+    """a * inv (|a * inv| <= 127) as hi + lo / 254 with hi, lo int8: the nearest integer and the
+    residual's nearest 1/254 step, ~15 bits of a in two INT8 tensor-core operands. Rounding by the
+    magic number 1.5 * 2^23 (y + M has y's nearest integer in its low mantissa bits), so no
+    float -> int conversion instruction is needed."""
+    y = a * inv[:, None]
+    t = y + MAGIC_ROUND
+    hi = t.to(tl.int32, bitcast=True) - MAGIC_ROUND_BITS
+    u = (y - (t - MAGIC_ROUND)) * 254.0 + MAGIC_ROUND
+    lo = u.to(tl.int32, bitcast=True) - MAGIC_ROUND_BITS
+    return hi.to(tl.int8), lo.to(tl.int8)
+
+
+@triton.jit
+def _qk_i8(a, inv, codes, acc_hi, acc_lo, QK_SPLIT: tl.constexpr):
+    """acc_hi (+ acc_lo) += INT8 products of a * inv (split hi + lo / 254 when QK_SPLIT) with the codes."""
+    hi, lo = _split_i8(a, inv)
+    acc_hi = tl.dot(hi, codes, acc_hi, out_dtype=tl.int32)
+    if QK_SPLIT:
+        acc_lo = tl.dot(lo, codes, acc_lo, out_dtype=tl.int32)
+    return acc_hi, acc_lo
+
+
 @triton.jit
 def _fma16(a, b, c, FAST: tl.constexpr):
     """a * b + c in fp16 (exact here: integers below 2048); FAST: paired fma.rn.f16x2."""
@@ -522,6 +591,131 @@ def _packed_split(Q_rows, fold, KC, KSC, KZ, VC, VSC, VZ, KS1_bh, VS1_bh, pool_h
 
 
 @triton.jit
+def _packed_split_i8(Q_bh, stride_qh, fold, KC, KSC, KZ, VC, VSC, VZ, KS1_bh, VS1_bh, pool_head, tile_lo, tile_hi,
+                     PM, PL, PACC, part_base, num_parts, G,
+                     D: tl.constexpr, NB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                     VG: tl.constexpr, NG: tl.constexpr, BITS: tl.constexpr, FAST: tl.constexpr,
+                     PV_HILO: tl.constexpr, QK_SPLIT: tl.constexpr):
+    """Online softmax over packed tiles [tile_lo, tile_hi) of one (sequence, KV head) in pool `BITS`,
+    with INT8 tensor-core scores and V's scales folded into P (FlashQ's decode). QK_SPLIT: a as
+    hi + lo / 254 (two INT8 products, ~15 bits) instead of one INT8 operand (~7 bits).
+
+    Rows r = g NG + j (g < G query heads, j < NG V groups): row r carries query head g, replicated
+    for each V group, so that P can be scaled per group: p'_r = p_g * vscale[t, j] and
+    acc_r += p'_r . vcode + (sum_t p_g vzero[t, j]), where only the columns of group j are kept at
+    the end. Scores per tile: a = q' kscale quantized to INT8 per row (a8, amax / 127), then
+    s = s1k * (amax / 127 * (a8 . kcode) + q' . kzero), both products over the raw codes (INT8 and
+    exact fp16): no per-element dequantization. Planes as in `_packed_split`. (H100, llama3-8b at
+    32k: 995 -> 901 SASS instructions per thread per 64-token 4-bit tile with one operand, against
+    1416 for `_packed_split`; two operands need 217 registers against 168.)
+    """
+    PW: tl.constexpr = 8 // BITS
+    W: tl.constexpr = D // PW
+    WP: tl.constexpr = max(16, triton.next_power_of_2(W))
+    TPB: tl.constexpr = NB // BLOCK_N
+    offs_w = tl.max_contiguous(tl.multiple_of(tl.arange(0, WP), WP), WP)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
+    g_r = offs_r // NG
+    j_r = offs_r % NG
+    rmask = offs_r < G * NG
+    Q_rows = Q_bh + g_r.to(tl.int64) * stride_qh
+    m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc0 = tl.zeros([BLOCK_R, WP], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_R, WP], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_R, WP], dtype=tl.float32)
+    acc3 = tl.zeros([BLOCK_R, WP], dtype=tl.float32)
+    qf0 = _q_plane(Q_rows, rmask, fold, offs_w, 0, W)
+    qf1 = _q_plane(Q_rows, rmask, fold, offs_w, 1, W)
+    if BITS == 2:
+        qf2 = _q_plane(Q_rows, rmask, fold, offs_w, 2, W)
+        qf3 = _q_plane(Q_rows, rmask, fold, offs_w, 3, W)
+    else:
+        qf2 = qf0
+        qf3 = qf0
+    for tile in range(tile_lo, tile_hi):
+        blk = tile // TPB
+        pool_blk = pool_head + blk  # int64
+        row0 = pool_blk * NB + (tile - blk * TPB) * BLOCK_N  # first token row of the tile in the pool
+        blk_d = pool_blk * D
+        kb = _load_plane(KC + row0 * W + (offs_n[None, :] * W + offs_w[:, None]), offs_w[:, None], W, WP)
+        a0, z0 = _kscaled_plane(qf0, KSC, KZ, blk_d, offs_w, 0, W, WP)
+        a1, z1 = _kscaled_plane(qf1, KSC, KZ, blk_d, offs_w, 1, W, WP)
+        amax = tl.maximum(tl.max(tl.abs(a0), axis=1), tl.max(tl.abs(a1), axis=1))
+        zsum = z0 + z1
+        if BITS == 2:
+            a2, z2 = _kscaled_plane(qf2, KSC, KZ, blk_d, offs_w, 2, W, WP)
+            a3, z3 = _kscaled_plane(qf3, KSC, KZ, blk_d, offs_w, 3, W, WP)
+            amax = tl.maximum(amax, tl.maximum(tl.max(tl.abs(a2), axis=1), tl.max(tl.abs(a3), axis=1)))
+            zsum += z2 + z3
+        inv = tl.where(amax > 0, 127.0 / amax, 0.0)
+        d_hi = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.int32)
+        d_lo = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.int32)
+        if BITS == 4:
+            c0, c1 = _unpack_i8(kb, 4, FAST)
+            d_hi, d_lo = _qk_i8(a0, inv, c0, d_hi, d_lo, QK_SPLIT)
+            d_hi, d_lo = _qk_i8(a1, inv, c1, d_hi, d_lo, QK_SPLIT)
+        else:
+            c0, c1, c2, c3 = _unpack_i8(kb, 2, FAST)
+            d_hi, d_lo = _qk_i8(a0, inv, c0, d_hi, d_lo, QK_SPLIT)
+            d_hi, d_lo = _qk_i8(a1, inv, c1, d_hi, d_lo, QK_SPLIT)
+            d_hi, d_lo = _qk_i8(a2, inv, c2, d_hi, d_lo, QK_SPLIT)
+            d_hi, d_lo = _qk_i8(a3, inv, c3, d_hi, d_lo, QK_SPLIT)
+        dots = d_hi.to(tl.float32)
+        if QK_SPLIT:
+            dots += d_lo.to(tl.float32) * (1.0 / 254.0)
+        s = (dots * (amax * (1.0 / 127.0))[:, None] + zsum[:, None]) * tl.load(KS1_bh + blk)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        # values: p' = p * vscale of the row's group, the zero points as one sum per row
+        g_off = (row0 + offs_n)[None, :] * NG + j_r[:, None]
+        vsc = int_to_float_exact(tl.load(VSC + g_off).to(tl.int32))
+        vz = int_to_float_exact(tl.load(VZ + g_off).to(tl.int32))
+        pz = tl.sum(p * vz, axis=1)
+        p_hi, p_lo = _split16(p * vsc)
+        s1v = tl.load(VS1_bh + blk)
+        vb = _load_plane(VC + row0 * W + (offs_n[:, None] * W + offs_w[None, :]), offs_w[None, :], W, WP)
+        if BITS == 4:
+            v0, v1 = _unpack4(vb, FAST)
+        else:
+            v0, v1, v2, v3 = _unpack2(vb, FAST)
+            acc2 = _pv_folded(acc2, p_hi, p_lo, v2, pz, alpha, s1v, PV_HILO)
+            acc3 = _pv_folded(acc3, p_hi, p_lo, v3, pz, alpha, s1v, PV_HILO)
+        acc0 = _pv_folded(acc0, p_hi, p_lo, v0, pz, alpha, s1v, PV_HILO)
+        acc1 = _pv_folded(acc1, p_hi, p_lo, v1, pz, alpha, s1v, PV_HILO)
+        m_i = m_new
+    head_row = part_base + g_r.to(tl.int64) * num_parts
+    first = rmask & (j_r == 0)
+    tl.store(PM + head_row, m_i, mask=first)
+    tl.store(PL + head_row, l_i, mask=first)
+    _store_group_plane(PACC, head_row, rmask, j_r, acc0, offs_w, 0, W, D, VG)
+    _store_group_plane(PACC, head_row, rmask, j_r, acc1, offs_w, 1, W, D, VG)
+    if BITS == 2:
+        _store_group_plane(PACC, head_row, rmask, j_r, acc2, offs_w, 2, W, D, VG)
+        _store_group_plane(PACC, head_row, rmask, j_r, acc3, offs_w, 3, W, D, VG)
+
+
+@triton.jit
+def _pv_folded(acc, p_hi, p_lo, v16, pz, alpha, s1v, PV_HILO: tl.constexpr):
+    pv = tl.dot(p_hi, v16, out_dtype=tl.float32)
+    if PV_HILO:
+        pv += tl.dot(p_lo, v16, out_dtype=tl.float32)
+    return acc * alpha[:, None] + (pv + pz[:, None]) * s1v
+
+
+@triton.jit
+def _store_group_plane(PACC, head_row, rmask, j_r, acc, offs_w, PLANE: tl.constexpr, W: tl.constexpr,
+                       D: tl.constexpr, VG: tl.constexpr):
+    """Row r = (g, j) holds head g's output for the channels of V group j: store those columns."""
+    chan = PLANE * W + offs_w
+    keep = rmask[:, None] & (offs_w < W)[None, :] & ((chan // VG)[None, :] == j_r[:, None])
+    tl.store(PACC + head_row[:, None] * D + chan[None, :], acc, mask=keep)
+
+
+@triton.jit
 def _buffer_split(Q_rows, fold, KBUF_bh, VBUF_bh, MEAN_bh, count, KN_row, VN_row, PM, PL, PACC, part_row, gmask,
                   D: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
                   HAS_MEAN: tl.constexpr, APPEND: tl.constexpr, FP32_PRODUCTS: tl.constexpr):
@@ -595,7 +789,8 @@ def _decode_split_kernel(
         H, H4, H2, NBLK, NUM_SPLITS, tiles_per_split,
         G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, NB: tl.constexpr,
         BLOCK_N: tl.constexpr, VG: tl.constexpr, NG: tl.constexpr, HAS_MEAN: tl.constexpr, APPEND: tl.constexpr,
-        FAST: tl.constexpr, PV_HILO: tl.constexpr):
+        FAST: tl.constexpr, PV_HILO: tl.constexpr, INT8_QK: tl.constexpr, QK_SPLIT: tl.constexpr,
+        BLOCK_R: tl.constexpr):
     """Program (s, b * H + h): packed tiles of split s (s < NUM_SPLITS) or the buffer (s == NUM_SPLITS)
     for the G query heads of KV head h, over lengths[b] + 1 tokens (the new token included).
     APPEND: the buffer program also appends k_new / v_new (a step without a flush); without it they
@@ -627,14 +822,26 @@ def _decode_split_kernel(
         slot = tl.load(HEAD_SLOT + h)
         KS1_bh = KS1 + pid_bh.to(tl.int64) * NBLK
         VS1_bh = VS1 + pid_bh.to(tl.int64) * NBLK
+        Q_bh = Q + b.to(tl.int64) * stride_qb + (h * G).to(tl.int64) * stride_qh
+        part_base = ((b * H * G + h * G) * num_parts + pid_s).to(tl.int64)
         if bits == 4:
             pool_head = (b.to(tl.int64) * H4 + slot) * NBLK
-            _packed_split(Q_rows, fold, KC4, KSC4, KZ4, VC4, VSC4, VZ4, KS1_bh, VS1_bh, pool_head, tile_lo, tile_hi,
-                          PM, PL, PACC, part_row, gmask, D, NB, BLOCK_N, BLOCK_G, VG, NG, 4, FAST, PV_HILO)
+            if INT8_QK:
+                _packed_split_i8(Q_bh, stride_qh, fold, KC4, KSC4, KZ4, VC4, VSC4, VZ4, KS1_bh, VS1_bh, pool_head,
+                                 tile_lo, tile_hi, PM, PL, PACC, part_base, num_parts, G, D, NB, BLOCK_N, BLOCK_R, VG,
+                                 NG, 4, FAST, PV_HILO, QK_SPLIT)
+            else:
+                _packed_split(Q_rows, fold, KC4, KSC4, KZ4, VC4, VSC4, VZ4, KS1_bh, VS1_bh, pool_head, tile_lo,
+                              tile_hi, PM, PL, PACC, part_row, gmask, D, NB, BLOCK_N, BLOCK_G, VG, NG, 4, FAST, PV_HILO)
         else:
             pool_head = (b.to(tl.int64) * H2 + slot) * NBLK
-            _packed_split(Q_rows, fold, KC2, KSC2, KZ2, VC2, VSC2, VZ2, KS1_bh, VS1_bh, pool_head, tile_lo, tile_hi,
-                          PM, PL, PACC, part_row, gmask, D, NB, BLOCK_N, BLOCK_G, VG, NG, 2, FAST, PV_HILO)
+            if INT8_QK:
+                _packed_split_i8(Q_bh, stride_qh, fold, KC2, KSC2, KZ2, VC2, VSC2, VZ2, KS1_bh, VS1_bh, pool_head,
+                                 tile_lo, tile_hi, PM, PL, PACC, part_base, num_parts, G, D, NB, BLOCK_N, BLOCK_R, VG,
+                                 NG, 2, FAST, PV_HILO, QK_SPLIT)
+            else:
+                _packed_split(Q_rows, fold, KC2, KSC2, KZ2, VC2, VSC2, VZ2, KS1_bh, VS1_bh, pool_head, tile_lo,
+                              tile_hi, PM, PL, PACC, part_row, gmask, D, NB, BLOCK_N, BLOCK_G, VG, NG, 2, FAST, PV_HILO)
 
 
 @triton.jit

@@ -694,16 +694,55 @@ def dequantize_kv_cache(c: KVCacheContents) -> tuple[torch.Tensor, torch.Tensor,
     return k_out, v_out, torch.tensor(lens, dtype=torch.int64)
 
 
-def decode_attention_reference(q: torch.Tensor, contents: KVCacheContents, sm_scale: float | None = None) -> torch.Tensor:
+def _quantized_score_correction(qf: torch.Tensor, c: KVCacheContents, n_max: int, score_bits: int) -> torch.Tensor:
+    """s(INT8 scores) - s(exact q') over the packed tokens, fp64 [B, Hq, n_max] (0 on buffer tokens).
+
+    The INT8-score decode kernel takes, per query head and packed block, a = q' * kscale (fp32), its
+    per-row amax over the channels, and a_hat = amax / 127 * round(a * 127 / amax) (score_bits 8),
+    or with the residual rounded to 1/254 of a step added (16); the block's scores are then
+    s1k * (a_hat . code + q' . kzero), i.e. the exact scores plus s1k * (a_hat - a) . code.
+    Rounding is to nearest, ties to even (the kernel's magic-number rounding).
+    """
+    b, hq, d = qf.shape
+    h, nb = c.k_buffer.shape[1], c.block_tokens
+    group = hq // h
+    lens = [int(x) for x in c.lengths.tolist()]
+    corr = torch.zeros(b, hq, n_max, dtype=torch.float64, device=qf.device)
+    for j in range(h):
+        bits, slot = int(c.head_bits[j]), int(c.head_slot[j])
+        pool = c.pool4 if bits == 4 else c.pool2
+        codes = unpack_lowbit_planar(pool.k_codes[:, slot:slot + 1], bits)[:, 0].double()  # [B, NBLK, nb, D]
+        for i, length in enumerate(lens):
+            full = length // nb
+            if not full:
+                continue
+            a = qf[i, j * group:(j + 1) * group, None, :] * pool.k_scale[i, slot, None, :full].float()  # [G, full, D]
+            amax = a.abs().amax(dim=-1, keepdim=True)
+            inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+            y = a * inv
+            hi = torch.round(y)
+            steps = hi + torch.round((y - hi) * 254.0) / 254.0 if score_bits == 16 else hi
+            err = steps.double() * (amax.double() / 127.0) - a.double()  # [G, full, D]
+            delta = torch.einsum("gfd,ftd->gft", err, codes[i, :full]) * c.k_s1[i, j, None, :full, None].double()
+            corr[i, j * group:(j + 1) * group, :full * nb] = delta.reshape(group, full * nb)
+    return corr
+
+
+def decode_attention_reference(q: torch.Tensor, contents: KVCacheContents, sm_scale: float | None = None,
+                               score_bits: int | None = None) -> torch.Tensor:
     """One decode step over a cache's contents, the arithmetic of the decode kernel in fp64.
 
     q: [B, Hq, 1, D], Hq a multiple of the cache's Hkv. q' = q * (sm_scale * log2 e) in fp32 (as
     the kernel folds it), scores s = q' . (k - mu) over each sequence's lengths[b] tokens
     (`dequantize_kv_cache`), o = sum 2^(s - max s) v / sum 2^(s - max s). A sequence of length 0
-    gives 0. Returns fp32 [B, Hq, 1, D].
+    gives 0. score_bits 8 or 16: the packed tokens' scores as the INT8-score kernel computes them
+    (`_quantized_score_correction`; TurboKVCache.decode_score_bits says which). Returns fp32
+    [B, Hq, 1, D].
     """
     check_tensor("q", q, ndim=4)
     check_sm_scale(sm_scale)
+    if score_bits not in (None, 8, 16):
+        raise ValueError(f"score_bits must be None, 8 or 16, got {score_bits!r}")
     b, hq, nq, d = q.shape
     k, v, lens = dequantize_kv_cache(contents)
     hkv = k.shape[1]
@@ -714,6 +753,9 @@ def decode_attention_reference(q: torch.Tensor, contents: KVCacheContents, sm_sc
     kr = k.repeat_interleave(group, dim=1)
     vr = v.repeat_interleave(group, dim=1)
     s = torch.matmul(qf, kr.transpose(-1, -2))  # [B, Hq, 1, Nmax], log2 units
+    if score_bits is not None:
+        s = s + _quantized_score_correction(fold_softmax_scale(q, sm_scale)[:, :, 0].float(), contents, s.shape[-1],
+                                            score_bits)[:, :, None, :]
     valid = torch.arange(k.shape[2])[None, :] < lens[:, None]
     s = s.masked_fill(~valid.to(s.device)[:, None, None, :], float("-inf"))
     m = s.amax(dim=-1, keepdim=True)
