@@ -146,9 +146,12 @@ def _peer(q, k, v, backend):
     return None
 
 
-def config_label(config, block_n: int, splits: int) -> str:
+SCORE_PATHS = {None: "f16", 8: "i8", 16: "i8x2"}  # decode_score_bits -> label (fp16 products, INT8 scores)
+
+
+def config_label(config, block_n: int, splits: int, score_bits: int | None = None) -> str:
     return (f"nb{config.buffer_tokens}-vg{config.v_group}-bn{block_n}-w{config.decode_num_warps}-"
-            f"s{config.decode_num_stages}-splits{splits}{'-smooth' if config.smooth_k else ''}")
+            f"s{config.decode_num_stages}-splits{splits}{'-smooth' if config.smooth_k else ''}-{SCORE_PATHS[score_bits]}")
 
 
 def _fits(b, hq, hkv, ctx, d, config) -> tuple[bool, float]:
@@ -251,7 +254,8 @@ def _bench_point(model, hq, hkv, d, ctx, b, bit_mixes, base_config, copy_gbps, m
         nbytes = cache.decode_bytes_read(hq)
         us = p50 * 1e3
         splits = cache._split_plan([n + 1 for n in cache._lengths])[0]
-        rows.append(dict(common, provider="turbo", config=config_label(config, cache.decode_block_n, splits),
+        rows.append(dict(common, provider="turbo", config=config_label(config, cache.decode_block_n, splits,
+                                                                  cache.decode_score_bits(q.dtype, hq)),
                          bit_mix=bit_mix, **_measured(p20, p50, p80, flops, nbytes, copy_gbps, err),
                          kv_compression=round(cache.fp16_nbytes() / cache.nbytes(), 3),
                          speedup_vs_sdpa_flash=round(peer_us["sdpa_flash"] / us, 3) if "sdpa_flash" in peer_us else "",

@@ -605,9 +605,9 @@ def _packed_split_i8(Q_bh, stride_qh, fold, KC, KSC, KZ, VC, VSC, VZ, KS1_bh, VS
     acc_r += p'_r . vcode + (sum_t p_g vzero[t, j]), where only the columns of group j are kept at
     the end. Scores per tile: a = q' kscale quantized to INT8 per row (a8, amax / 127), then
     s = s1k * (amax / 127 * (a8 . kcode) + q' . kzero), both products over the raw codes (INT8 and
-    exact fp16): no per-element dequantization. Planes as in `_packed_split`. (H100, llama3-8b at
-    32k: 995 -> 901 SASS instructions per thread per 64-token 4-bit tile with one operand, against
-    1416 for `_packed_split`; two operands need 217 registers against 168.)
+    exact fp16): no per-element dequantization. Planes as in `_packed_split`. (sm_90 SASS, D = 128,
+    4 query heads: 901 instructions per thread per 64-token 4-bit tile with one operand, 995 with
+    two, against 1416 for `_packed_split`; two operands take 217 registers against 168.)
     """
     PW: tl.constexpr = 8 // BITS
     W: tl.constexpr = D // PW
