@@ -69,7 +69,7 @@ def build_document(config: KernelConfig, *, gpu: str, gpu_name: str, model: str,
     if workload.kinds.decode:
         entry = {"max_ctx": max(workload.max_decode_ctx, 1)}
         entry.update({inverse_decode[f]: values[f] for f in ("decode_block_n", "num_splits", "decode_num_warps",
-                                                             "decode_num_stages")})
+                                                             "decode_num_stages", "decode_q_split")})
         decode.append(entry)
     doc = {
         "schema_version": SCHEMA_VERSION,

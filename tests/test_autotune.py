@@ -76,9 +76,9 @@ def test_help_explains_the_tool():
     assert out.returncode == 0 and "--gpu" in out.stdout and "resumes" in out.stdout
 
 
-def _doc(gpu="h100-sxm", model="llama3-8b", schema=1, triton_version="3.6.0", block_m=64):
+def _doc(gpu="h100-sxm", model="llama3-8b", schema=1, triton_version="3.6.0", block_m=64, q_split=False):
     wl = O.Workload("llama3-8b", 32, 8, 128, (O.Point("prefill", 4096, 4, 1.0), O.Point("decode", 32768, 8, 1.0)))
-    doc = export.build_document(KernelConfig(block_m=block_m, bit_mix=0.25), gpu=gpu, gpu_name="NVIDIA H100 80GB HBM3",
+    doc = export.build_document(KernelConfig(block_m=block_m, bit_mix=0.25, decode_q_split=q_split), gpu=gpu, gpu_name="NVIDIA H100 80GB HBM3",
                                 model=model, geometry={"num_q_heads": 32, "num_kv_heads": 8, "head_dim": 128},
                                 source="measured", study={"storage": "postgresql://u:pw@h/db", "name": "s",
                                                           "trials": 3, "best_trial": 1},
@@ -89,11 +89,12 @@ def _doc(gpu="h100-sxm", model="llama3-8b", schema=1, triton_version="3.6.0", bl
 
 
 def test_export_loader_round_trip(tmp_config_dir):
-    doc = _doc(block_m=32)
+    doc = _doc(block_m=32, q_split=True)
+    assert doc["decode"][0]["q_split"] is True
     path = export.write_document(doc, tmp_config_dir)
     assert "pw" not in path.read_text()  # the storage password is masked
     cfg = loader.load_config(gpu="h100-sxm", model="llama3-8b")
-    assert cfg.block_m == 32 and cfg.bit_mix == 0.25
+    assert cfg.block_m == 32 and cfg.bit_mix == 0.25 and cfg.decode_q_split is True
     # by the device name too, and by head_dim without a model
     assert loader.load_config(gpu="NVIDIA H100 80GB HBM3", head_dim=128).block_m == 32
 
