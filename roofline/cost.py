@@ -127,6 +127,21 @@ DEQUANT_FMA_OPS_PER_ELEMENT = 12
 # The 2-bit loop (four planes, a scale tile per plane) is 1789 instructions per warp per tile against
 # 1536 for 4 bits (Triton 3.6 SASS at commit 59bb802, both after the scale conversions left I2F): x 1.16.
 DEQUANT_FMA_OPS_PER_ELEMENT_2BIT = 12 * 1789 / 1536
+# The INT8-score decode (kernels/decode.py `_packed_split_i8`, since commit 81218da) runs where a KV
+# head's query heads x V groups fit one 16-row tile (DECODE_FOLDED_ROWS, mirrors
+# kernels.decode.FOLDED_ROWS): no element is dequantized; its SASS has 901 instructions per thread
+# per 64-token 4-bit tile and 881 for 2 bits, against 1416 for the fp16 path at the same commit
+# (0.64x), but at batch 16 (throughput-bound) it ran 0.76x the fp16 path's time (514 against 674 us,
+# llama3-8b 32k): it holds more registers (fewer warps per SM to hide latency). The throughput term
+# uses the measured 0.76, the serial per-tile latency the instruction ratio (records: decode MAPE
+# 16.4% with 0.76, 17.9% with 0.64).
+DECODE_FOLDED_ROWS = 16
+FOLDED_OPS_PER_ELEMENT = DEQUANT_FMA_OPS_PER_ELEMENT * 0.76
+FOLDED_OPS_PER_ELEMENT_2BIT = FOLDED_OPS_PER_ELEMENT * 881 / 901
+FOLDED_LATENCY_RATIO = 901 / 1416  # its serial per-tile latency, in proportion to the instructions
+# More warps than its 16-column share per warp cost it in full (measured: 8 warps on 64-token tiles
+# ~2x slower than 4), not as the square root DECODE_REPLICATION_EXPONENT gives the fp16 path.
+DECODE_FOLDED_REPLICATION_EXPONENT = 1.0
 # Measured (roofline records, H100): 8 warps on 64-token tiles and 4 warps on 32-token tiles run the
 # packed loop 1.5-1.7x slower than 4 warps on 64 tokens or 2 on 32: the unpack work scales with
 # warps x 16 / BLOCK_N once that exceeds 1 (Triton splits the [16, BLOCK_N] products over the warps
@@ -640,7 +655,8 @@ def _decode_cost(kernel: str, shape: AttentionShape, knobs: dict, gpu: GPUSpec) 
     turbo = kernel == "decode"
     b, hq, hkv, ctx, d = shape.batch, shape.num_q_heads, shape.num_kv_heads, shape.seq_len, shape.head_dim
     dp = shape.padded_head_dim
-    rows = max(MMA_MIN_ROWS, 1 << (shape.group - 1).bit_length())
+    folded = turbo and shape.group * math.ceil(d / knobs["v_group"]) <= DECODE_FOLDED_ROWS
+    rows = DECODE_FOLDED_ROWS if folded else max(MMA_MIN_ROWS, 1 << (shape.group - 1).bit_length())
     bn = knobs["decode_block_n"]
     splits = decode_num_splits(shape, knobs, gpu)
     if turbo:
@@ -651,7 +667,7 @@ def _decode_cost(kernel: str, shape: AttentionShape, knobs: dict, gpu: GPUSpec) 
         cache = b * (n_low * _decode_cache_bytes_per_head(quantized, buffered, d, 2, knobs)
                      + (hkv - n_low) * _decode_cache_bytes_per_head(quantized, buffered, d, 4, knobs))
         parts = splits + 1  # the buffer program
-        passes = DECODE_PRODUCT_PASSES
+        passes = 1 if folded else DECODE_PRODUCT_PASSES
     else:
         buffered, quantized, n_low = ctx, 0, 0
         cache = 2 * b * hkv * ctx * d * 2
@@ -666,21 +682,23 @@ def _decode_cost(kernel: str, shape: AttentionShape, knobs: dict, gpu: GPUSpec) 
     bytes_read = cache + q_bytes + new_kv + partials
     bytes_written = o_bytes + new_kv + partials
 
+    ops4, ops2 = ((FOLDED_OPS_PER_ELEMENT, FOLDED_OPS_PER_ELEMENT_2BIT) if folded
+                  else (DEQUANT_FMA_OPS_PER_ELEMENT, DEQUANT_FMA_OPS_PER_ELEMENT_2BIT))
     exps = tiles_total * bn * rows
     products = tiles_total * bn * rows * dp * 4 * passes
     # a warp's share of the [rows, BLOCK_N] score tile is at least DECODE_MIN_COLUMNS_PER_WARP columns:
     # with more warps than BLOCK_N / that, the unpacked operands are built once per warp that needs them
-    replication = max(1.0, knobs["decode_num_warps"] * DECODE_MIN_COLUMNS_PER_WARP / bn) ** DECODE_REPLICATION_EXPONENT
+    replication = max(1.0, knobs["decode_num_warps"] * DECODE_MIN_COLUMNS_PER_WARP / bn) ** (
+        DECODE_FOLDED_REPLICATION_EXPONENT if folded else DECODE_REPLICATION_EXPONENT)
     sas = knobs["sas_fma_fraction"] if (turbo and knobs["use_sas"]) else 0.0
     sfu = exps * (1.0 - sas) + exps * sas * SAS_CONVERSIONS_PER_EXP + exps * DECODE_CONVERSIONS_PER_SCORE
     fma = (exps * DECODE_ELEMENTWISE_FMA_OPS_PER_SCORE + exps * sas * SAS_FMA_OPS_PER_EXP
            + tiles_total * rows * dp
-           + (2 * b * quantized * d * replication * ((hkv - n_low) * DEQUANT_FMA_OPS_PER_ELEMENT
-                                                        + n_low * DEQUANT_FMA_OPS_PER_ELEMENT_2BIT) if turbo else 0))
+           + (2 * b * quantized * d * replication * ((hkv - n_low) * ops4 + n_low * ops2) if turbo else 0))
     tiles_per_split = math.ceil(math.ceil(quantized / bn) / max(1, splits)) if turbo else 0
     details = {"cache_bytes": cache, "partial_bytes": partials, "num_splits": splits, "rows_per_program": rows,
                "tiles_per_split": tiles_per_split, "replication": replication,
-               "tokens_quantized": quantized, "tokens_buffered": buffered, "low_bit_heads": n_low}
+               "tokens_quantized": quantized, "tokens_buffered": buffered, "low_bit_heads": n_low, "folded": folded}
     return Cost(kernel=kernel, flops=4.0 * b * hq * ctx * d, flops_by_unit=_units(fp16_tc=products, sfu=sfu, fma=fma),
                 bytes_read=bytes_read, bytes_written=bytes_written, l2_bytes=bytes_read + bytes_written, exps=exps,
                 programs=programs, iterations=tiles_total, launches=2 if (turbo or parts > 1) else 1, details=details)
@@ -922,7 +940,8 @@ def predict(kernel: str, shape: Any, config: Any = None, gpu: "str | GPUSpec" = 
         # however many SMs are free, a split program runs its tiles one after another
         tiles_per_split = cost.details["tiles_per_split"]
         warp_share = (knobs["decode_block_n"] / 64) * (4 / knobs["decode_num_warps"])  # a warp's elements per tile
-        tile_cycles = (DECODE_TILE_LATENCY_CYCLES * warp_share
+        latency = DECODE_TILE_LATENCY_CYCLES * (FOLDED_LATENCY_RATIO if cost.details["folded"] else 1.0)
+        tile_cycles = (latency * warp_share
                        + DECODE_TILE_PREP_CYCLES * 4 / knobs["decode_num_warps"]) * cost.details["replication"]
         critical_s = (launch_s + DECODE_REDUCE_LATENCY_S
                       + (PROGRAM_OVERHEAD_CYCLES + tiles_per_split * tile_cycles) / gpu.clock_hz)
