@@ -42,9 +42,9 @@ Semantics and choices:
   normalised over heads) and reference.assign_head_bits(priority, config.bit_mix). The priorities
   and the smoothing mean come from one Triton statistics pass over the prompt
   (kernels.quant.channel_statistics: per-chunk sums, sums of squares, maxima, minima) reduced in
-  float64 by one more launch (kernels.quant.head_moments), one host synchronisation for the
-  assignment; it reads V only when the priorities decide (bit_mix sends some but not all heads to
-  2 bits and nothing is pinned). `bits=` on
+  float64 (kernels.quant.head_moments), and the assignment is made on the device
+  (kernels.quant.assign_bits_from_moments; no host synchronisation); the pass reads V only when the
+  priorities decide (bit_mix sends some but not all heads to 2 bits and nothing is pinned). `bits=` on
   prefill, or `pin_bits` / `load_bits(path)` (JSON {"bits": [4, 2, ...]}), pin the assignment.
   Pools are preallocated for max_len at construction for floor(bit_mix * Hkv) 2-bit heads; a pinned
   assignment with another count reallocates them (at prefill, never during decode).
@@ -376,7 +376,8 @@ class TurboKVCache:
             h = self.num_kv_heads
             n_low = R.num_low_bit_heads(h, self.config.bit_mix)
             self._alloc_pools(h - n_low, n_low)
-            self.priority = torch.empty(h, dtype=torch.float32, device=self.device)
+            if self.priority is None:
+                self.priority = torch.empty(h, dtype=torch.float32, device=self.device)
             assign_bits_from_moments(mom, n_low, sum(self._lengths) * self.head_dim, self.priority, self.head_bits_dev,
                                      self.head_slot_dev)
             self._bits = None  # on the device only, until head_bits is read
@@ -478,7 +479,7 @@ class TurboKVCache:
             G=group, BLOCK_G=block_g, D=d, DP=dp, NB=nb, BLOCK_N=self.decode_block_n,
             VG=self.config.v_group, NG=self.num_v_groups, HAS_MEAN=self.k_mean is not None, APPEND=not flush,
             FAST=self.device.type == "cuda", PV_HILO=q.dtype == torch.float32, INT8_QK=self.folded_decode(hq),
-            QK_SPLIT=self.config.decode_q_split or q.dtype == torch.float32, BLOCK_R=FOLDED_ROWS,
+            QK_SPLIT=self.decode_score_bits(q.dtype, hq) == 16, BLOCK_R=FOLDED_ROWS,
             num_warps=self.config.decode_num_warps, num_stages=self.config.decode_num_stages)
         out = torch.empty((b, hq, 1, d), device=self.device, dtype=q.dtype)
         chunk = min(triton.next_power_of_2(parts), max(1, REDUCE_TILE_ELEMS // dp))

@@ -379,6 +379,7 @@ def _unpack_i8(words, BITS: tl.constexpr, FAST: tl.constexpr):
 def _kscaled_plane(qf, KSC, KZ, blk_d, offs_w, PLANE: tl.constexpr, W: tl.constexpr, WP: tl.constexpr):
     """The block's scaled query plane a = q' kscale [R, WP] fp32, and sum q' kzero [R]."""
     chan = PLANE * W + offs_w
+    # int8 -> fp32 on the ALU (the compiler expands ksc, kz over the query rows before converting)
     ksc = int_to_float_exact(_load_plane(KSC + blk_d + chan, offs_w, W, WP).to(tl.int32))
     kz = int_to_float_exact(_load_plane(KZ + blk_d + chan, offs_w, W, WP).to(tl.int32))
     return qf * ksc[None, :], tl.sum(qf * kz[None, :], axis=1)
@@ -446,12 +447,9 @@ def _q_plane(Q_rows, gmask, fold, offs_w, PLANE: tl.constexpr, W: tl.constexpr):
 @triton.jit
 def _scaled_q_plane(qf, KSC, KZ, blk_d, offs_w, PLANE: tl.constexpr, W: tl.constexpr, WP: tl.constexpr):
     """The block's scaled query plane: (q' kscale) hi, lo [BLOCK_G, WP] and sum q' kzero."""
-    chan = PLANE * W + offs_w
-    # int8 -> fp32 on the ALU (the compiler expands ksc, kz over the query rows before converting)
-    ksc = int_to_float_exact(_load_plane(KSC + blk_d + chan, offs_w, W, WP).to(tl.int32))
-    kz = int_to_float_exact(_load_plane(KZ + blk_d + chan, offs_w, W, WP).to(tl.int32))
-    hi, lo = _split16(qf * ksc[None, :])
-    return hi, lo, tl.sum(qf * kz[None, :], axis=1)
+    a, zsum = _kscaled_plane(qf, KSC, KZ, blk_d, offs_w, PLANE, W, WP)
+    hi, lo = _split16(a)
+    return hi, lo, zsum
 
 
 @triton.jit

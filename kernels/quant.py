@@ -467,7 +467,7 @@ def quantize_kv_tiles(q, k, v, block_n: int, sm_scale: float, smooth: bool, bala
         cache_const = dict(C_NB=kv_cache.block_tokens, C_NBP=triton.next_power_of_2(kv_cache.block_tokens),
                            C_VG=kv_cache.config.v_group, C_NG=kv_cache.num_v_groups, C_HAS_MEAN=kv_cache.smooth)
     else:
-        state, (h4, h2, nblk) = (k_scales,) * 20, (0, 0, 0)
+        state, (h4, h2, nblk) = (k_scales,) * 20, (0, 0, 0)  # the 20 tensors of kernel_state_args, never read
         cache_const = dict(C_NB=16, C_NBP=16, C_VG=16, C_NG=1, C_HAS_MEAN=False)
     n_cache_programs = 2 * triton.cdiv(nk, kv_cache.block_tokens) if kv_cache is not None else 0  # K and V
     _quantize_kv_kernel[(n_tiles + n_cache_programs, b * hkv)](
