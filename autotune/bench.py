@@ -33,7 +33,11 @@ SEED_MODELS = {
 DEFAULT_TOKENS = 16384  # batch = tokens // N, as in DESIGN section 7 (N=4k with B=4, N=16k with B=1)
 PREFILL_COLUMNS = ["kernel", "provider", "model", "batch", "hq", "hkv", "n", "d", "dtype", "causal", "config",
                    "ms_p20", "ms_p50", "ms_p80", "tops", "cosine", "rel_l1", "quant_in_timed_region",
-                   "kv_repeated_for_peer", "gpu", "torch", "triton", "git_sha", "date"]
+                   "kv_repeated_for_peer", "gpu", "torch", "triton", "git_sha", "date", "data", "tiles_skipped_pct"]
+# --data: "outlier" = reference.outlier_qkv (dense attention, keys with outlier channels, as real
+# models have; no tile is ever below a sparsity threshold); "sink" = reference.sink_qkv (an attention
+# sink plus one retrieved 128-token span per 4096 tokens: with a threshold most KV tiles are skipped)
+DATA_KINDS = ("outlier", "sink")
 
 
 def _git_sha() -> str:
@@ -119,11 +123,37 @@ def _peers(q, k, v, causal: bool, sage: bool = True):
     return peers
 
 
+def make_inputs(data: str, batch: int, hq: int, hkv: int, n: int, d: int, dtype, seed: int):
+    """The benchmark's Q, K, V on the GPU (see DATA_KINDS)."""
+    from kernels import reference
+
+    if data == "sink":
+        spans = [(0, 64)] + [(lo, lo + 128) for lo in range(2048, n, 4096)]
+        return reference.sink_qkv(batch, hq, hkv, n, d, dtype=dtype, device="cuda", seed=seed, live_tiles=spans)
+    if data != "outlier":
+        raise ValueError(f"data must be one of {DATA_KINDS}, got {data!r}")
+    return reference.outlier_qkv(batch, hq, hkv, n, d, dtype=dtype, device="cuda", seed=seed)
+
+
+def tiles_skipped_pct(q, tiles, causal: bool, config, scale: float) -> float | str:
+    """Share of the attention kernel's KV tiles that the sparsity threshold skipped ("" without one)."""
+    import torch
+
+    from kernels.prefill import launch_flashq
+
+    if config.sparsity_threshold is None:
+        return ""
+    skips = torch.zeros(2, dtype=torch.int64, device=q.device)
+    launch_flashq(q, tiles, torch.empty_like(q), causal, config, scale, skips=skips)
+    skipped, visited = skips.tolist()
+    return round(100.0 * skipped / max(visited, 1), 2)
+
+
 def bench_prefill(models, ns, tokens: int, causal: bool, out_dir: pathlib.Path, config=None, dtype_name="float16",
-                  providers=None, kv_cache_mix: float | None = None) -> list[dict]:
+                  providers=None, kv_cache_mix: float | None = None, data: str = "outlier") -> list[dict]:
     """kv_cache_mix: also time `turbo_fill_cache` (the prefill storing the prompt into a TurboKVCache
     with this bit_mix as its by-product) and `turbo_then_cache_prefill` (the prefill, then a
-    separate `cache.prefill(k, v)` that reads K and V again)."""
+    separate `cache.prefill(k, v)` that reads K and V again). data: see DATA_KINDS."""
     import torch
     import triton
 
@@ -145,11 +175,12 @@ def bench_prefill(models, ns, tokens: int, causal: bool, out_dir: pathlib.Path, 
         hq, hkv, d = SEED_MODELS[model]
         for n in ns:
             batch = max(1, tokens // n)
-            q, k, v = reference.outlier_qkv(batch, hq, hkv, n, d, dtype=dtype, device="cuda", seed=n)
+            q, k, v = make_inputs(data, batch, hq, hkv, n, d, dtype, seed=n)
             ref = exact_reference(q, k, v, causal)
             flops = 4.0 * batch * hq * n * n * d / (2.0 if causal else 1.0)
             scale = 1.0 / math.sqrt(d)
             tiles = quantize_kv_tiles(q, k, v, config.block_n, scale, config.smooth_k, config.balance)
+            skipped_pct = tiles_skipped_pct(q, tiles, causal, config, scale)
             out = torch.empty_like(q)
             fns = {
                 "turbo": (lambda: turbo_attention(q, k, v, causal=causal, config=config), False),
@@ -185,7 +216,8 @@ def bench_prefill(models, ns, tokens: int, causal: bool, out_dir: pathlib.Path, 
                            tops=round(flops / (p50 * 1e-3) / 1e12, 1) if provider != "turbo_quant" else "",
                            cosine=round(cos, 6), rel_l1=round(rel, 6),
                            quant_in_timed_region=provider in ("turbo", "turbo_fill_cache", "turbo_then_cache_prefill"),
-                           kv_repeated_for_peer=repeated, **meta)
+                           kv_repeated_for_peer=repeated, data=data,
+                           tiles_skipped_pct=skipped_pct if provider.startswith("turbo") else "", **meta)
                 rows.append(row)
                 print(f"{model:11s} N={n:6d} B={batch:2d} {provider:24s} {p50:8.3f} ms  {row['tops']!s:>7} TOPS  cos={cos:.5f}", flush=True)
             del q, k, v, ref, tiles, out, fns
@@ -203,6 +235,22 @@ def config_label(config) -> str:
 
 
 def write_rows(path: pathlib.Path, rows: list[dict], columns: list[str]) -> None:
+    """Append rows; a file written with fewer columns is rewritten once with the new header (its
+    rows keep their values, the new columns empty), so that the CSV stays one table."""
+    if path.exists():
+        with path.open(newline="") as fh:
+            reader = csv.DictReader(fh)
+            old_columns = list(reader.fieldnames or [])
+            old_rows = list(reader) if set(columns) - set(old_columns) else None
+        if old_rows is not None:
+            header = old_columns + [c for c in columns if c not in old_columns]
+            with path.open("w", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=header, extrasaction="ignore")
+                writer.writeheader()
+                writer.writerows(old_rows)
+            columns = header
+        else:
+            columns = old_columns
     new = not path.exists()
     with path.open("a", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
@@ -328,6 +376,9 @@ def main(argv=None) -> int:
     parser.add_argument("--kv-cache", type=float, default=None, metavar="BIT_MIX",
                         help="prefill: also time filling a TurboKVCache of this bit_mix as the prefill's by-product "
                              "(turbo_fill_cache) against a separate cache.prefill (turbo_then_cache_prefill)")
+    parser.add_argument("--data", choices=DATA_KINDS, default="outlier",
+                        help="prefill inputs: outlier (dense, the headline) or sink (sparse: measures SAS tile "
+                             "skipping with a sparsity threshold, e.g. --set sparsity_threshold=8)")
     parser.add_argument("--grid", default="", help="sweep grid, e.g. 'block_m=64,128;block_n=128;use_sas=false'")
     args = parser.parse_args(argv)
     from kernels import KernelConfig
@@ -345,7 +396,8 @@ def main(argv=None) -> int:
     out = pathlib.Path(args.out)
     if args.kernel == "prefill":
         bench_prefill(models, ns, args.tokens, not args.non_causal, out, config,
-                      providers=set(p for p in args.providers.split(",") if p) or None, kv_cache_mix=args.kv_cache)
+                      providers=set(p for p in args.providers.split(",") if p) or None, kv_cache_mix=args.kv_cache,
+                      data=args.data)
     elif args.kernel == "sweep-prefill":
         grid = {"block_m": [64, 128], "block_n": [64, 128], "num_warps": [4, 8], "num_stages": [2, 3],
                 "use_sas": [False, True]}

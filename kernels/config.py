@@ -57,16 +57,18 @@ class KernelConfig:
     SAS (softmax):
       use_sas: exponential as LUT[n] * degree-3 polynomial(f) on FMA units; False = exact exp2.
       sparsity_threshold: T in log2 units (octaves below the row max): scores at or below
-        max - T give 0, and a tile whose every score is dropped skips its PV product. None = keep all.
+        max - T give 0, and a KV tile in which no row keeps a score skips its softmax and PV
+        product (exact: that update is the identity). None = keep all.
     KV cache (BPQ stage 2, head-wise mixed precision):
       bit_mix: fraction of KV heads (lowest priority first) stored at 2 bits; the rest at 4.
       buffer_tokens: n_b, tokens kept in fp16 before a flush; also the K quantization group
         (K is quantized per channel over each block of n_b tokens).
       v_group: channels per V quantization group (V is quantized per token over channel groups).
     Defaults are the fastest accurate prefill measured on an H100 (reports/bench/sweep-prefill-h100.csv):
-    Br=64, Bc=128, 4 warps, 3 stages; exact exp2 without a threshold, because there the SAS
-    polynomial ran ~1.5x slower than the special-function unit and the threshold's compare-select
-    cost ~15% while the SFU was not the binding unit. SAS stays a tuned choice (and an ablation).
+    Br=64, Bc=128, 4 warps, 3 stages; exact exp2 without a threshold, because there (dense inputs,
+    before the conversion-free SAS floor and the tile skipping) the SAS polynomial ran ~1.5x slower
+    than the special-function unit and the threshold's compare-select cost ~15% while the SFU was
+    not the binding unit. SAS and the threshold stay tuned choices (and an ablation).
     Decode (split-KV, flash-decoding style):
       decode_block_n, decode_num_warps, decode_num_stages: launch parameters of the decode kernel.
       decode_q_split: scores of packed tokens from q' * kscale as two INT8 tensor-core operands

@@ -8,8 +8,10 @@ Math per KV tile j (the reference's `flashq_attention`, same order):
 Layouts: codes from `kernels.quant` (Q, K [.., N_pad, Dp] rows; V transposed [.., Dp, N_pad]), so
 both products have a K-major second operand. One program per (Q tile of BLOCK_M rows, batch x
 query head); KV head = query head // group (GQA without copies). Causal: the KV tiles fully
-under the diagonal run unmasked, the diagonal band in a second, masked loop. The paper calls
-this FlashQ (products) + SAS (softmax).
+under the diagonal run unmasked, the diagonal band in a second, masked loop. With a threshold T,
+a tile where no row keeps a score (rowmax s <= m_new - T for every row) skips everything after the
+row maxima: its p are all 0 and m_new = m, so the update is the identity. The paper calls this
+FlashQ (products) + SAS (softmax).
 """
 
 from __future__ import annotations
@@ -41,9 +43,84 @@ def _exp2(x, FAST_EXP: tl.constexpr):
         return tl.exp2(x)
 
 
+# x where the comparison with a row bound holds, else a constant: setp + selp in one asm block, so the
+# compiler cannot hoist the comparisons and park the tile's predicates as bits of a register (it did,
+# for the threshold: three more instructions per score to unpack them)
+_ABOVE_ELSE_NEG_INF = tl.constexpr("{ .reg .pred p; setp.gt.f32 p, $1, $2; selp.f32 $0, $1, 0fFF800000, p; }")
+_BELOW_ELSE_134 = tl.constexpr("{ .reg .pred p; setp.lt.f32 p, $1, $2; selp.f32 $0, $1, 0f43060000, p; }")
+
+
 @triton.jit
-def _flashq_tiles(acc, acc_t, l_i, m_i, q, q_t, q_scale, K_base, VT_base, KS_base, VS_base, lo, hi, nk, nk_pad,
-                  offs_m, offs_n, offs_d, offs_dt, threshold,
+def _above_else_neg_inf(x, bound, FAST: tl.constexpr):
+    """x where x > bound (a per-row [BLOCK_M, 1] bound), else -inf."""
+    if FAST:
+        return tl.inline_asm_elementwise(_ABOVE_ELSE_NEG_INF, "=f,f,f", [x, tl.broadcast_to(bound, x.shape)],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return tl.where(x > bound, x, float("-inf"))
+
+
+@triton.jit
+def _below_else_134(x, bound, FAST: tl.constexpr):
+    """x where x < bound (a per-row [BLOCK_M, 1] bound), else 134."""
+    if FAST:
+        return tl.inline_asm_elementwise(_BELOW_ELSE_134, "=f,f,f", [x, tl.broadcast_to(bound, x.shape)],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return tl.where(x < bound, x, 134.0)
+
+
+@triton.jit
+def _softmax_pv(y, scale, m_tile, m_new, acc, acc_t, l_i, m_i, vt, vt_t, vscale, threshold,
+                HAS_TAIL: tl.constexpr, USE_SAS: tl.constexpr, HAS_THRESHOLD: tl.constexpr, P_ROW: tl.constexpr,
+                REF_CLAMP: tl.constexpr, LOG2_P_SCALE: tl.constexpr, FAST_EXP: tl.constexpr):
+    """One tile's online-softmax update from its scores y (MAGIC_F + s_int, -inf where masked) and its
+    INT8 PV product (module docstring): returns acc, acc_t, l_i."""
+    if P_ROW:
+        m_ref = tl.maximum(m_tile, m_new - REF_CLAMP)
+    else:
+        m_ref = m_new
+    if USE_SAS:
+        # neg = m_ref - s >= 0, one FMA per score; dropped and masked scores go to 134, where the
+        # SAS power of two is 0, so the threshold's select is also the range clamp
+        bias = MAGIC_F * scale + m_ref
+        neg = bias[:, None] - y * scale
+        if HAS_THRESHOLD:
+            # keep s > m_new - T, i.e. neg < m_ref - (m_new - T)
+            drop_at = tl.minimum(m_ref - (m_new - threshold), 134.0)
+            neg = _below_else_134(neg, drop_at[:, None], FAST_EXP)
+        else:
+            neg = tl.minimum(neg, 134.0)
+        p = sas_exp2_times_127(neg, FAST_EXP)
+    else:
+        # x = s - m_ref + log2 127, one FMA per score
+        bias = MAGIC_F * scale + m_ref - LOG2_P_SCALE
+        x = y * scale - bias[:, None]
+        if HAS_THRESHOLD:
+            # keep s > m_new - T, i.e. x > m_new - T - m_ref + log2 127
+            keep_above = m_new - threshold - m_ref + LOG2_P_SCALE
+            x = _above_else_neg_inf(x, keep_above[:, None], FAST_EXP)
+        p = _exp2(x, FAST_EXP)
+    alpha = tl.exp2(m_i - m_new)
+    r = tl.exp2(m_ref - m_new)
+    l_i = l_i * alpha + r * tl.sum(p, 1)
+    p8 = round_to_uint7(p)
+    coef = r * vscale
+    pv = tl.dot(p8, vt, out_dtype=tl.int32)
+    # acc * alpha + pv * coef with pv read as MAGIC_F + pv (exact: |pv| <= 127 * 127 * 256 < 2^22):
+    # (acc * alpha - MAGIC_F * coef) + y * coef, two FMAs and an integer add per element, no I2F.
+    # The offset cancels to within ~1 unit of coef per tile, far under P's own rounding.
+    magic_coef = coef[:, None] * MAGIC_F
+    acc = (acc * alpha[:, None] - magic_coef) + (pv + MAGIC_I).to(tl.float32, bitcast=True) * coef[:, None]
+    if HAS_TAIL:
+        pv_t = tl.dot(p8, vt_t, out_dtype=tl.int32)
+        acc_t = (acc_t * alpha[:, None] - magic_coef) + (pv_t + MAGIC_I).to(tl.float32, bitcast=True) * coef[:, None]
+    return acc, acc_t, l_i
+
+
+@triton.jit
+def _flashq_tiles(acc, acc_t, l_i, m_i, skipped, q, q_t, q_scale, K_base, VT_base, KS_base, VS_base, lo, hi, nk,
+                  nk_pad, offs_m, offs_n, offs_d, offs_dt, threshold, real_row,
                   BLOCK_N: tl.constexpr, DP: tl.constexpr, DH: tl.constexpr, DT: tl.constexpr,
                   HAS_TAIL: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                   USE_SAS: tl.constexpr, HAS_THRESHOLD: tl.constexpr, P_ROW: tl.constexpr,
@@ -52,6 +129,10 @@ def _flashq_tiles(acc, acc_t, l_i, m_i, q, q_t, q_scale, K_base, VT_base, KS_bas
 
     The head dim is DH (a power of two) plus, when HAS_TAIL, DT more channels at offset DH
     (D = 96 runs as 64 + 32 instead of padding to 128).
+    With a threshold, a tile in which no row keeps a score (every row's tile maximum at or below
+    m_new - T) skips its softmax and PV product: there every p is 0 and m_new = m_i (T > 0), so
+    the update is the identity. The test needs only the row maxima of the real rows (real_row: the
+    Q tile's padding rows past N, never stored, would always look live); `skipped` counts such tiles.
     """
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
@@ -72,57 +153,41 @@ def _flashq_tiles(acc, acc_t, l_i, m_i, q, q_t, q_scale, K_base, VT_base, KS_bas
             y = tl.where(valid, y, float("-inf"))
         m_tile = (tl.max(y, 1) - MAGIC_F) * scale
         m_new = tl.maximum(m_i, m_tile)
-        if P_ROW:
-            m_ref = tl.maximum(m_tile, m_new - REF_CLAMP)
-        else:
-            m_ref = m_new
-        # x = s - m_ref (+ log2 127 on the exact path), one FMA per score
-        if USE_SAS:
-            bias = MAGIC_F * scale + m_ref
-        else:
-            bias = MAGIC_F * scale + m_ref - LOG2_P_SCALE
-        x = y * scale - bias[:, None]
-        if HAS_THRESHOLD:
-            # keep s > m_new - T, i.e. x > m_new - T - m_ref (+ log2 127 on the exact path)
-            if USE_SAS:
-                keep_above = m_new - threshold - m_ref
-            else:
-                keep_above = m_new - threshold - m_ref + LOG2_P_SCALE
-            x = tl.where(x > keep_above[:, None], x, float("-inf"))
-        if USE_SAS:
-            p = sas_exp2_times_127(x)
-        else:
-            p = _exp2(x, FAST_EXP)
-        alpha = tl.exp2(m_i - m_new)
-        r = tl.exp2(m_ref - m_new)
-        l_i = l_i * alpha + r * tl.sum(p, 1)
-        p8 = round_to_uint7(p)
-        coef = r * tl.load(VS_base + tile)
+        # V is loaded before the skip branch: the loop's pipelining issues it ahead either way
         vt = tl.load(VT_base + offs_d[None, :] * nk_pad + cols[:, None])  # [BLOCK_N, DH], tokens contiguous
-        pv = tl.dot(p8, vt, out_dtype=tl.int32)
-        # acc * alpha + pv * coef with pv read as MAGIC_F + pv (exact: |pv| <= 127 * 127 * 256 < 2^22):
-        # (acc * alpha - MAGIC_F * coef) + y * coef, two FMAs and an integer add per element, no I2F.
-        # The offset cancels to within ~1 unit of coef per tile, far under P's own rounding.
-        magic_coef = coef[:, None] * MAGIC_F
-        acc = (acc * alpha[:, None] - magic_coef) + (pv + MAGIC_I).to(tl.float32, bitcast=True) * coef[:, None]
         if HAS_TAIL:
             vt_t = tl.load(VT_base + (DH + offs_dt)[None, :] * nk_pad + cols[:, None])
-            pv_t = tl.dot(p8, vt_t, out_dtype=tl.int32)
-            acc_t = (acc_t * alpha[:, None] - magic_coef) + (pv_t + MAGIC_I).to(tl.float32, bitcast=True) * coef[:, None]
-        m_i = m_new
-    return acc, acc_t, l_i, m_i
+        else:
+            vt_t = vt
+        vscale = tl.load(VS_base + tile)
+        if HAS_THRESHOLD:
+            live = tl.max(((m_tile > m_new - threshold) & real_row).to(tl.int32), 0)
+            if live > 0:
+                acc, acc_t, l_i = _softmax_pv(y, scale, m_tile, m_new, acc, acc_t, l_i, m_i, vt, vt_t, vscale,
+                                              threshold, HAS_TAIL, USE_SAS, HAS_THRESHOLD, P_ROW, REF_CLAMP,
+                                              LOG2_P_SCALE, FAST_EXP)
+                m_i = m_new
+            skipped += 1 - live
+        else:
+            acc, acc_t, l_i = _softmax_pv(y, scale, m_tile, m_new, acc, acc_t, l_i, m_i, vt, vt_t, vscale,
+                                          threshold, HAS_TAIL, USE_SAS, HAS_THRESHOLD, P_ROW, REF_CLAMP,
+                                          LOG2_P_SCALE, FAST_EXP)
+            m_i = m_new
+    return acc, acc_t, l_i, m_i, skipped
 
 
 @triton.jit
-def _flashq_fwd_kernel(Qx, QS, KC, VT, KS, VS, SMOOTH, Out,
+def _flashq_fwd_kernel(Qx, QS, KC, VT, KS, VS, SMOOTH, Out, SKIPS,
                        stride_qb, stride_qh, stride_qn, stride_ob, stride_oh, stride_on,
                        HQ, GROUP, NQ, NK, NK_PAD, n_q_tiles, n_k_tiles, threshold, fold,
                        D: tl.constexpr, DP: tl.constexpr, DH: tl.constexpr, DT: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QUANT_Q: tl.constexpr, SMOOTH_K: tl.constexpr,
                        CAUSAL: tl.constexpr, USE_SAS: tl.constexpr, HAS_THRESHOLD: tl.constexpr,
                        P_ROW: tl.constexpr, REF_CLAMP: tl.constexpr, LOG2_P_SCALE: tl.constexpr,
-                       FAST_EXP: tl.constexpr):
+                       FAST_EXP: tl.constexpr, COUNT_SKIPS: tl.constexpr):
     """One Q tile of BLOCK_M rows for one (batch, query head); see the module docstring.
+
+    COUNT_SKIPS: SKIPS (int64 [2]) += (KV tiles skipped by the threshold, KV tiles visited).
 
     QUANT_Q: Qx is the caller's float Q (strided); the tile is scaled by fold * c (SMOOTH row 2)
     and quantized to INT8 here. Otherwise Qx holds INT8 codes [B, Hq, n_q_tiles * BLOCK_M, DP]
@@ -194,14 +259,18 @@ def _flashq_fwd_kernel(Qx, QS, KC, VT, KS, VS, SMOOTH, Out,
     else:
         free_end = full_end
         hi = NK
-    acc, acc_t, l_i, m_i = _flashq_tiles(
-        acc, acc_t, l_i, m_i, q, q_t, q_scale, K_base, VT_base, KS_base, VS_base, 0, free_end, NK, NK_PAD,
-        offs_m, offs_n, offs_d, offs_dt, threshold, BLOCK_N, DP, DH, DT, HAS_TAIL, False, CAUSAL,
+    skipped = tl.full([], 0, dtype=tl.int32)
+    acc, acc_t, l_i, m_i, skipped = _flashq_tiles(
+        acc, acc_t, l_i, m_i, skipped, q, q_t, q_scale, K_base, VT_base, KS_base, VS_base, 0, free_end, NK, NK_PAD,
+        offs_m, offs_n, offs_d, offs_dt, threshold, offs_m < NQ, BLOCK_N, DP, DH, DT, HAS_TAIL, False, CAUSAL,
         USE_SAS, HAS_THRESHOLD, P_ROW, REF_CLAMP, LOG2_P_SCALE, FAST_EXP)
-    acc, acc_t, l_i, m_i = _flashq_tiles(
-        acc, acc_t, l_i, m_i, q, q_t, q_scale, K_base, VT_base, KS_base, VS_base, free_end, hi, NK, NK_PAD,
-        offs_m, offs_n, offs_d, offs_dt, threshold, BLOCK_N, DP, DH, DT, HAS_TAIL, True, CAUSAL,
+    acc, acc_t, l_i, m_i, skipped = _flashq_tiles(
+        acc, acc_t, l_i, m_i, skipped, q, q_t, q_scale, K_base, VT_base, KS_base, VS_base, free_end, hi, NK, NK_PAD,
+        offs_m, offs_n, offs_d, offs_dt, threshold, offs_m < NQ, BLOCK_N, DP, DH, DT, HAS_TAIL, True, CAUSAL,
         USE_SAS, HAS_THRESHOLD, P_ROW, REF_CLAMP, LOG2_P_SCALE, FAST_EXP)
+    if COUNT_SKIPS:
+        tl.atomic_add(SKIPS, skipped.to(tl.int64))
+        tl.atomic_add(SKIPS + 1, (free_end // BLOCK_N + tl.cdiv(hi - free_end, BLOCK_N)).to(tl.int64))
     inv_l = 1.0 / l_i
     o_ptrs = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_on
     row_ok = offs_m[:, None] < NQ
@@ -225,11 +294,13 @@ def head_dim_split(d: int) -> tuple[int, int]:
 
 
 def launch_flashq(q, kv: QuantizedKV, out: torch.Tensor, causal: bool, config: KernelConfig, sm_scale: float,
-                  q_scales: torch.Tensor | None = None) -> torch.Tensor:
+                  q_scales: torch.Tensor | None = None, skips: torch.Tensor | None = None) -> torch.Tensor:
     """Launch the attention kernel; writes `out` [B, Hq, Nq, D].
 
     q is the caller's float Q (quantized inside the kernel, with kv.smooth when present), or,
     when q_scales is given, INT8 codes [B, Hq, ceil(Nq / block_m) * block_m, Dp] already folded.
+    skips: optional int64 [2] on the device; receives += (KV tiles the sparsity threshold skipped,
+    KV tiles visited) over all programs (a threshold of None skips none).
     """
     b, hq, nq, d = out.shape
     hkv, nk_pad = kv.k_codes.shape[1], kv.k_codes.shape[2]
@@ -240,14 +311,14 @@ def launch_flashq(q, kv: QuantizedKV, out: torch.Tensor, causal: bool, config: K
     quant_q = q_scales is None
     _flashq_fwd_kernel[(n_q_tiles, b * hq)](
         q, q_scales if q_scales is not None else kv.k_scales, kv.k_codes, kv.vt_codes, kv.k_scales, kv.v_scales,
-        kv.smooth if kv.smooth is not None else kv.k_scales, out,
+        kv.smooth if kv.smooth is not None else kv.k_scales, out, skips if skips is not None else kv.k_scales,
         q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2),
         hq, hq // hkv, nq, kv.n_rows, nk_pad, n_q_tiles, n_k_tiles,
         float(threshold) if threshold is not None else 0.0, float(sm_scale * LOG2E),
         D=d, DP=kv.head_dim_padded, DH=dh, DT=dt, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         QUANT_Q=quant_q, SMOOTH_K=kv.smooth is not None, CAUSAL=causal, USE_SAS=config.use_sas,
         HAS_THRESHOLD=threshold is not None, P_ROW=config.p_scale == "row", REF_CLAMP=REF_MAX_CLAMP,
-        LOG2_P_SCALE=LOG2_127, FAST_EXP=out.device.type == "cuda",
+        LOG2_P_SCALE=LOG2_127, FAST_EXP=out.device.type == "cuda", COUNT_SKIPS=skips is not None,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out

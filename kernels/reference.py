@@ -441,6 +441,23 @@ def outlier_qkv(b: int, hq: int, hkv: int, n: int, d: int, dtype=torch.float16, 
     return tuple(t.to(device=device, dtype=dtype) for t in (q, k, v))
 
 
+
+def sink_qkv(b: int, hq: int, hkv: int, n: int, d: int, dtype=torch.float16, device="cpu", seed: int = 0,
+             live_tiles=((0, 32), (128, 160))) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sparse attention: keys in the `live_tiles` row ranges (an attention sink at the start, and
+    retrieved spans) share one direction with every query, scoring ~26 octaves (log2 units, after
+    sm_scale = 1/sqrt(d)) above the other keys, which are small noise. With a sparsity threshold
+    of a few octaves every other KV tile drops all its scores (SAS skips it)."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.nn.functional.normalize(torch.randn(d, generator=g), dim=0)
+    amp = 12.0 * (d / 64) ** 0.25  # u.u * amp^2 / sqrt(d) the same at every head dim
+    q = amp * u + 0.3 * torch.randn(b, hq, n, d, generator=g)
+    k = 0.3 * torch.randn(b, hkv, n, d, generator=g)
+    for lo, hi in live_tiles:
+        k[:, :, lo:hi] += amp * u
+    v = torch.randn(b, hkv, n, d, generator=g)
+    return tuple(t.to(device=device, dtype=dtype) for t in (q, k, v))
+
 # ---- KV cache and decode
 #
 # The cache format of `kernels.cache.TurboKVCache`, in plain torch, and the decode attention that

@@ -1,9 +1,10 @@
 """Triton helpers for SAS (the paper's Sparse Activated Softmax) and cheap numeric conversions.
 
-`sas_exp2_times_127(x)`: 127 * 2^x for x <= 0 as LUT[n] * poly3(f) with -x = n + f (the reference's
-`sas_exp2` times P's INT8 scale). The LUT of 2^-n is built from exponent bits ((134 - n) << 23
-reinterpreted as fp32), so it costs two integer ops and no memory; poly3 runs on the FMA pipe,
-leaving the special-function unit (which exp2 uses) free.
+`sas_exp2_times_127(neg)`: 127 * 2^-neg for neg >= 0 as LUT[n] * poly3(f) with neg = n + f (the
+reference's `sas_exp2` times P's INT8 scale). The LUT of 2^-n is built from exponent bits
+((134 - n) << 23 reinterpreted as fp32), so it costs one integer op and no memory; n and f come
+from one add rounding toward minus infinity against the magic number (no conversion instruction);
+poly3 runs on the FMA pipe, leaving the special-function unit (which exp2 uses) free.
 
 `int_to_float_exact(i)`: int32 -> fp32 for |i| < 2^22 without an I2F conversion instruction:
 adding the integer to the bits of 1.5 * 2^23 lands it in the mantissa, and one fp32 subtraction
@@ -20,6 +21,7 @@ from .reference import SAS_POLY_COEFFS
 
 MAGIC_F = tl.constexpr(12582912.0)  # 1.5 * 2^23
 MAGIC_I = tl.constexpr(0x4B400000)  # its bits
+SAS_POW2_BIAS = tl.constexpr(134 << 23)  # fp32 bits of 2^7 = 127's scale, less n << 23 per octave
 
 
 # 127 * 2^x = 2^(7 - n) * (127/128) * poly3(f): the P quantization scale folds into the exponent
@@ -31,13 +33,29 @@ SAS127_C3 = tl.constexpr(SAS_POLY_COEFFS[3] * 127.0 / 128.0)
 
 
 @triton.jit
-def sas_exp2_times_127(x):
-    """127 * 2^x for x <= 0 by SAS; 0 once -x >= 134 (the reference zeroes from 127 on: < 1e-36 apart)."""
-    neg = tl.minimum(-x, 134.0)
-    n = tl.floor(neg)
-    f = neg - n
+def floor_plus_magic(x, FAST: tl.constexpr):
+    """MAGIC_F + floor(x) for |x| < 2^22, exact: its low mantissa bits hold floor(x) (bits MAGIC_I + n).
+
+    FAST: one fp32 add rounding toward minus infinity (add.rm), where FRND + F2I would take two
+    conversion-unit instructions (a quarter of the FMA rate on Hopper)."""
+    if FAST:
+        return tl.inline_asm_elementwise("add.rm.f32 $0, $1, 0f4B400000;", "=f,f", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return tl.floor(x) + MAGIC_F
+
+
+@triton.jit
+def sas_exp2_times_127(neg, FAST: tl.constexpr):
+    """127 * 2^-neg for neg in [-1, 134] (the caller clamps; -1: fp32 rounding at the row max) by SAS:
+    -x = n + f with n = floor(neg); 0 once n >= 134 (the reference zeroes from 127 on: < 1e-36 apart).
+
+    n comes as MAGIC_I + n in the bits of t = MAGIC_F + n, so 2^(7 - n) = (134 - n) << 23 is one
+    integer multiply-add on those bits (MAGIC_I << 23 vanishes mod 2^32), f = neg - (t - MAGIC_F)."""
+    t = floor_plus_magic(neg, FAST)
+    f = neg - (t - MAGIC_F)
     poly = ((SAS127_C3 * f + SAS127_C2) * f + SAS127_C1) * f + SAS127_C0
-    pow2 = ((134 - n.to(tl.int32)) << 23).to(tl.float32, bitcast=True)
+    pow2 = ((t.to(tl.int32, bitcast=True) << 23) * -1 + SAS_POW2_BIAS).to(tl.float32, bitcast=True)
     return pow2 * poly
 
 

@@ -93,14 +93,19 @@ MASK_FMA_OPS_PER_SCORE = 4
 # calibrations/ were taken with the previous 4-instruction epilogue.)
 ACC_CONVERSIONS = 0
 ACC_UPDATE_FMA_OPS = 3
-# SAS exponential (kernels/sas.py sas_exp2_times_127), per exponential: FMNMX clamp, FADD
-# f = -x - n, 3 FFMA (Horner, degree 3), ISUB and SHL (2^-n into the exponent bits), FMUL: 8 on
-# the fma pipe; tl.floor (FRND) and n.to(int32) (F2I) are PTX cvt instructions at the quarter
-# rate: 2 on the sfu pipe, against 1 MUFU.EX2 for exp2. That is why the polynomial measured 2.0
-# T/s on the H100 against 4.1 for exp2 (DESIGN.md section 8): SAS pays only once the split is
-# done without cvt (e.g. a magic-number floor) or the exponentials are shared between the pipes.
+# SAS exponential (kernels/sas.py sas_exp2_times_127), per exponential: the FMNMX clamp (with a
+# threshold, the threshold's select instead), FADD.RM against the magic number (floor(-x) in the
+# mantissa), two FADD for f, 3 FFMA (Horner, degree 3), one IMAD for 2^-n in the exponent bits:
+# 8 on the fma pipe and, since the magic-number floor (no FRND, no F2I), nothing on the sfu pipe,
+# against 1 MUFU.EX2 for exp2. (Before it: 2 cvt at the quarter rate, which is why the polynomial
+# measured 2.0 T/s against 4.1 for exp2 in DESIGN.md section 8; the 48 SAS prefill records of
+# reports/roofline were measured on that kernel.) SASS, D = 128, Br 64, Bc 128, 4 warps: 1391
+# instructions per thread per tile with a threshold (was 1520), exp2 with a threshold 1018 (was 1186).
 SAS_FMA_OPS_PER_EXP = 8
-SAS_CONVERSIONS_PER_EXP = 2
+SAS_CONVERSIONS_PER_EXP = 0
+# Per score, the part of the softmax that runs even in a tile the threshold skips: the magic-number
+# add of the scores and the row maximum (the skip test needs only the row maxima).
+SKIP_TEST_FMA_OPS_PER_SCORE = 2
 # fp16 flash-attention baseline per score element: FMNMX, FFMA (scale - max), FADD (row sum),
 # 1 select/misc on the fma pipe; P -> fp16 with one packed F2F per two elements on the sfu pipe;
 # FMUL per accumulator element per tile for the rescale.
@@ -599,12 +604,17 @@ def _prefill_cost(kernel: str, shape: AttentionShape, knobs: dict, gpu: GPUSpec)
 
     products = scores * 2 * dp + scores * 2 * dp * (1.0 - skip)
     if int8:
+        # a skipped tile (every score under the threshold) still has its QK product and row maxima;
+        # its exponentials, P, PV product and accumulator update are not run
+        live = 1.0 - skip
         sas = knobs["sas_fma_fraction"] if knobs["use_sas"] else 0.0
         threshold_ops = THRESHOLD_FMA_OPS_PER_SCORE if knobs["sparsity_threshold"] is not None else 0
-        sfu = (scores * (1.0 - sas) + scores * sas * SAS_CONVERSIONS_PER_EXP
-               + scores * CONVERSIONS_PER_SCORE + acc_elements * ACC_CONVERSIONS)
-        fma = (scores * (ELEMENTWISE_FMA_OPS_PER_SCORE + threshold_ops) + scores * sas * SAS_FMA_OPS_PER_EXP
-               + acc_elements * ACC_UPDATE_FMA_OPS + masked_scores * MASK_FMA_OPS_PER_SCORE)
+        sfu = live * (scores * (1.0 - sas) + scores * sas * SAS_CONVERSIONS_PER_EXP
+                      + scores * CONVERSIONS_PER_SCORE + acc_elements * ACC_CONVERSIONS)
+        fma = (scores * SKIP_TEST_FMA_OPS_PER_SCORE
+               + live * (scores * (ELEMENTWISE_FMA_OPS_PER_SCORE - SKIP_TEST_FMA_OPS_PER_SCORE + threshold_ops)
+                         + scores * sas * SAS_FMA_OPS_PER_EXP + acc_elements * ACC_UPDATE_FMA_OPS)
+               + masked_scores * MASK_FMA_OPS_PER_SCORE)
         # Q quantized once per program: QUANT_FMA_OPS_PER_ELEMENT + 1 F2I per element of the tile
         q_elements = programs * bm * dp
         fma += q_elements * QUANT_FMA_OPS_PER_ELEMENT

@@ -279,3 +279,33 @@ def test_cli_pareto_objective(tmp_path):
     best = export.best_trial(study)
     assert doc["study"]["best_trial"] == best.number
     assert (tmp_path / "rep" / "index.html").exists()
+
+
+def test_bench_csv_gains_new_columns_without_losing_rows(tmp_path):
+    """A results file written before a column was added is rewritten once with the wider header."""
+    import csv
+
+    from autotune.bench import write_rows
+
+    path = tmp_path / "prefill-h100.csv"
+    write_rows(path, [dict(provider="turbo", ms_p50=1.5)], ["provider", "ms_p50"])
+    write_rows(path, [dict(provider="sdpa_cudnn", ms_p50=1.2, data="sink")], ["provider", "ms_p50", "data"])
+    write_rows(path, [dict(provider="sage1", data="outlier", ms_p50=2.0)], ["provider", "data", "ms_p50"])
+    with path.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["provider"] for r in rows] == ["turbo", "sdpa_cudnn", "sage1"]
+    assert [r["data"] for r in rows] == ["", "sink", "outlier"]
+    assert [r["ms_p50"] for r in rows] == ["1.5", "1.2", "2.0"]
+    assert path.read_text().splitlines()[0] == "provider,ms_p50,data"
+
+
+def test_bench_sink_inputs_make_tiles_dead():
+    """The sparse benchmark inputs: with a threshold of 8 octaves the reference drops every score
+    of the tiles between the live spans (what `--data sink` measures)."""
+    import torch
+
+    from kernels import reference as R
+
+    q, k, v = R.sink_qkv(1, 1, 1, 256, 128, live_tiles=((0, 64),))
+    s = (q.float() @ k.float().transpose(-1, -2))[0, 0] * 128 ** -0.5 * R.LOG2E
+    assert float(s[:, :64].min()) - float(s[:, 64:].max()) > 16.0

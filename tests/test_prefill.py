@@ -14,6 +14,8 @@ Tolerances and why:
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from kernels import reference as R
 from kernels.config import KernelConfig
@@ -164,6 +166,95 @@ def test_prefill_bad_scalars():
         _prefill()(q, k, v, config="fast")
 
 
+@triton.jit
+def _sas_probe_kernel(X, Y, n, FAST: tl.constexpr):
+    from kernels.sas import sas_exp2_times_127
+
+    offs = tl.program_id(0) * 1024 + tl.arange(0, 1024)
+    x = tl.load(X + offs, mask=offs < n, other=0.0)
+    tl.store(Y + offs, sas_exp2_times_127(x, FAST), mask=offs < n)
+
+
+def test_sas_kernel_exponential_matches_reference(device):
+    """The kernel's SAS (floor by a magic-number add: add.rm on the GPU, floor in the interpreter) is
+    127 * reference.sas_exp2 over its whole domain, integer boundaries included (rtol 2e-6: the
+    kernel folds 127/128 into the coefficients)."""
+    neg = torch.cat([torch.linspace(0, 126, 126 * 64 + 1), torch.arange(0, 127).float(),
+                     torch.arange(1, 127).float() - 2.0 ** -17, torch.tensor([2.0 ** -20, 1e-30, 0.0])])
+    y = torch.empty_like(neg, device=device)
+    _sas_probe_kernel[(triton.cdiv(neg.numel(), 1024),)](neg.to(device), y, neg.numel(), FAST=device == "cuda")
+    ref = 127.0 * R.sas_exp2(-neg)
+    assert torch.allclose(y.cpu(), ref, rtol=2e-6, atol=0)
+    # rounding at the row maximum can leave neg slightly below 0: n = -1, f ~ 1, i.e. 254 * 2^-f;
+    # from 134 on the power of two is 0
+    y = torch.empty(3, device=device)
+    _sas_probe_kernel[(1,)](torch.tensor([-2.0 ** -20, 134.0, 133.5]).to(device), y, 3, FAST=device == "cuda")
+    below_zero = 254.0 * float(R.sas_exp2(torch.tensor([-(1.0 - 2.0 ** -20)]))[0])
+    assert abs(float(y[0]) / below_zero - 1) < 2e-6 and float(y[1]) == 0.0
+    assert 0.0 <= float(y[2]) < 1e-37
+
+
+def expected_tile_skips(qkv, causal, config):
+    """(skipped, visited) KV tiles of the attention kernel, modelled on the reference's scores: the
+    kernel visits, per Q tile, the KV tiles up to the diagonal (all when not causal), in order, and
+    skips one where no real row has a score above m_new - T (its tile maximum decides)."""
+    b, hq, nq, d = qkv.q_codes.shape
+    group = hq // qkv.k_codes.shape[1]
+    bm, bn, t = config.block_m, config.block_n, config.sparsity_threshold
+    qs = qkv.q_scales.repeat_interleave(bm, dim=-1)[..., :nq]
+    kc = qkv.k_codes.double().repeat_interleave(group, dim=1)
+    ks = qkv.k_scales.repeat_interleave(group, dim=1)
+    skipped = visited = 0
+    for i0 in range(0, nq, bm):
+        rows = torch.arange(i0, min(i0 + bm, nq), device=qkv.q_codes.device)
+        m_i = torch.full((b, hq, rows.numel()), float("-inf"), device=rows.device)
+        hi = min(i0 + bm, nq) if causal else nq
+        for j, start in enumerate(range(0, hi, bn)):
+            cols = torch.arange(start, min(start + bn, nq), device=rows.device)
+            s = torch.matmul(qkv.q_codes[:, :, rows].double(), kc[:, :, cols].transpose(-1, -2)).float()
+            s = s * (qs[:, :, rows] * ks[:, :, j, None])[..., None]
+            if causal:
+                s = s.masked_fill(cols[None, :] > rows[:, None], float("-inf"))
+            m_tile = s.amax(-1)
+            m_new = torch.maximum(m_i, m_tile)
+            dead = bool((m_tile <= m_new - t).all())
+            skipped += b * hq if dead else 0  # the same tile of every head: the data repeat per head
+            visited += b * hq
+            m_i = m_new
+    return skipped, visited
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("use_sas", [True, False])
+def test_threshold_skips_dead_tiles(causal, use_sas, device):
+    """Tiles where the threshold drops every score skip softmax and PV: the count matches the model
+    of the reference's scores, and the output still matches the reference (which computes them)."""
+    from kernels.prefill import launch_flashq
+    from kernels.quant import quantize_kv_tiles
+
+    b, hq, hkv, n, d = 1, 2, 1, 200, 64
+    cfg = _small(32, 32, sparsity_threshold=4.0, use_sas=use_sas)
+    q, k, v = R.sink_qkv(b, hq, hkv, n, d, device=device)
+    scale = d ** -0.5
+    kv = quantize_kv_tiles(q, k, v, cfg.block_n, scale, cfg.smooth_k, cfg.balance)
+    out = torch.empty_like(q)
+    skips = torch.zeros(2, dtype=torch.int64, device=device)
+    launch_flashq(q, kv, out, causal, cfg, scale, skips=skips)
+    ref = R.turbo_attention_reference(q, k, v, causal, cfg)
+    assert R.attention_error(out.float(), ref).sqnr_db >= SQNR_KERNEL_VS_REF_DB
+    assert R.attention_error(out.float(), R.exact_attention(q, k, v, causal)).cosine >= COSINE_FLOOR
+    expected = expected_tile_skips(R.quantize_qkv(q, k, v, cfg), causal, cfg)
+    assert tuple(skips.tolist()) == expected
+    assert expected[0] >= expected[1] // 3  # the data do make most middle tiles dead
+    # without a threshold nothing is skipped, and the same call without counting gives the same output
+    no_skips = torch.zeros(2, dtype=torch.int64, device=device)
+    launch_flashq(q, kv, torch.empty_like(q), causal, cfg.replace(sparsity_threshold=None), scale, skips=no_skips)
+    assert no_skips[0] == 0 and no_skips[1] == expected[1]
+    again = torch.empty_like(q)
+    launch_flashq(q, kv, again, causal, cfg, scale)
+    assert torch.equal(again, out)
+
+
 # ------------------------------------------------------------------ GPU tier
 
 SEED_MODELS = {"phi3-mini": (32, 32, 96), "llama3-8b": (32, 8, 128), "qwen2.5-7b": (28, 4, 128)}
@@ -201,3 +292,24 @@ def test_gpu_head_dims_and_gqa7(d):
     out = _prefill()(q, k, v, causal=True, config=cfg)
     ref = R.turbo_attention_reference(q, k, v, True, cfg)
     assert R.attention_error(out.float(), ref).sqnr_db >= SQNR_KERNEL_VS_REF_DB
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("use_sas", [True, False])
+@pytest.mark.parametrize("causal", [True, False])
+def test_gpu_threshold_skips_dead_tiles(use_sas, causal):
+    """Tile skipping at N = 4096 with the default tiles: count as modelled, output as the reference."""
+    from kernels.prefill import launch_flashq
+    from kernels.quant import quantize_kv_tiles
+
+    n, d = 4096, 128
+    cfg = KernelConfig(sparsity_threshold=6.0, use_sas=use_sas)
+    q, k, v = R.sink_qkv(1, 4, 1, n, d, device="cuda", live_tiles=((0, 64), (2048, 2176)))
+    kv = quantize_kv_tiles(q, k, v, cfg.block_n, d ** -0.5, cfg.smooth_k, cfg.balance)
+    out = torch.empty_like(q)
+    skips = torch.zeros(2, dtype=torch.int64, device="cuda")
+    launch_flashq(q, kv, out, causal, cfg, d ** -0.5, skips=skips)
+    ref = R.turbo_attention_reference(q, k, v, causal, cfg)
+    assert R.attention_error(out.float(), ref).sqnr_db >= SQNR_KERNEL_VS_REF_DB
+    expected = expected_tile_skips(R.quantize_qkv(q, k, v, cfg), causal, cfg)
+    assert tuple(skips.tolist()) == expected and expected[0] > expected[1] // 2

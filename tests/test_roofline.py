@@ -79,11 +79,28 @@ def test_sas_moves_the_exponential_from_the_sfu_to_the_fma_pipe():
     plain = kernel_cost("prefill", shape, cfg(use_sas=False), "h100")
     sas = kernel_cost("prefill", shape, cfg(use_sas=True), "h100")
     scores = plain.exps
-    # exp2 (1 MUFU) becomes FRND + F2I (2 cvt) and 8 fma-pipe instructions (kernels/sas.py)
-    assert sas.flops_by_unit["sfu"] - plain.flops_by_unit["sfu"] == scores
+    # exp2 (1 MUFU) becomes 8 fma-pipe instructions and no conversion (kernels/sas.py: the floor
+    # is an add rounding toward minus infinity against a magic number)
+    assert plain.flops_by_unit["sfu"] - sas.flops_by_unit["sfu"] == scores
     assert sas.flops_by_unit["fma"] - plain.flops_by_unit["fma"] == 8 * scores
     thresholded = kernel_cost("prefill", shape, cfg(use_sas=False, sparsity_threshold=16.0), "h100")
     assert thresholded.flops_by_unit["fma"] - plain.flops_by_unit["fma"] == 2 * scores
+
+
+def test_skipped_tiles_drop_their_softmax_and_pv():
+    """A tile the threshold skips keeps its QK product and row maxima, nothing else."""
+    dense = AttentionShape(**SMALL, causal=False)
+    sparse = AttentionShape(**SMALL, causal=False, pv_skip_fraction=0.75)
+    c = cfg(use_sas=False, sparsity_threshold=8.0)
+    full, skipping = kernel_cost("prefill", dense, c, "h100"), kernel_cost("prefill", sparse, c, "h100")
+    assert skipping.flops_by_unit["int8_tc"] == 0.625 * full.flops_by_unit["int8_tc"]  # QK all, PV a quarter
+    q_quant = full.flops_by_unit["sfu"] - full.exps  # the in-kernel Q quantization's conversions
+    assert skipping.flops_by_unit["sfu"] - q_quant == pytest.approx(0.25 * (full.flops_by_unit["sfu"] - q_quant))
+    # what every tile runs (row maxima, the Q tile's quantization): the cost when all are skipped
+    floor = kernel_cost("prefill", AttentionShape(**SMALL, causal=False, pv_skip_fraction=1.0), c, "h100")
+    assert floor.flops_by_unit["fma"] - q_quant * 9 == 2 * full.exps  # magic add + row max per score
+    assert skipping.flops_by_unit["fma"] - floor.flops_by_unit["fma"] == pytest.approx(
+        0.25 * (full.flops_by_unit["fma"] - floor.flops_by_unit["fma"]))
 
 
 def test_fp16_baseline_prefill_counts():
