@@ -9,6 +9,9 @@ prefill, then a separate `cache.prefill` that reads K and V again). TOPS = 4 * B
 provider. Times: triton.testing.do_bench (L2 flushed before each run, warm-up excluded),
 p20/p50/p80 in ms. Accuracy: cosine and relative L1 of each output against fp32 attention of the
 same inputs. Rows go to reports/bench/prefill-<gpu>.csv (appended; one row per measurement).
+Inputs (`--data`): dense with outlier key channels (the headline), or sparse ("sink": an attention
+sink and retrieved spans), where a sparsity threshold lets SAS skip most KV tiles; the turbo rows
+then record the share skipped (`tiles_skipped_pct`, counted by the kernel).
 """
 
 from __future__ import annotations
@@ -302,60 +305,6 @@ def sweep_prefill(model: str, n: int, tokens: int, causal: bool, grid: dict, out
     return rows
 
 
-def sass_summary(config=None, d: int = 128, causal: bool = True) -> dict:
-    """Instruction counts of interest in the attention kernel's SASS (tensor-core, conversions, MUFU)."""
-    import re
-
-    import torch
-
-    from kernels import KernelConfig, reference
-    from kernels.prefill import _flashq_fwd_kernel, launch_flashq
-    from kernels.quant import quantize_kv_tiles
-
-    config = config or KernelConfig()
-    q, k, v = reference.outlier_qkv(1, 2, 2, 1024, d, device="cuda")
-    kv = quantize_kv_tiles(q, k, v, config.block_n, d ** -0.5, config.smooth_k)
-    launch_flashq(q, kv, torch.empty_like(q), causal, config, d ** -0.5)
-    torch.cuda.synchronize()
-    kernel = None
-    for cache in _flashq_fwd_kernel.device_caches.values():
-        for compiled in cache[0].values():
-            kernel = compiled
-    if kernel is None:
-        return {"sass": "no compiled kernel found"}
-    try:
-        asm = kernel.asm.get("sass") or ""
-    except Exception as exc:
-        asm = ""
-        print("sass unavailable:", exc)
-    cubin = None if asm else kernel.asm.get("cubin")
-    if cubin:  # disassemble with the cuobjdump/nvdisasm Triton ships (or one on PATH)
-        import shutil
-        import tempfile
-
-        tool = shutil.which("cuobjdump") or shutil.which("nvdisasm")
-        here = pathlib.Path(__import__("triton").__file__).parent / "backends" / "nvidia" / "bin"
-        for name in ("cuobjdump", "nvdisasm"):
-            if (here / name).exists():
-                tool = str(here / name)
-                break
-        if tool:
-            with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as fh:
-                fh.write(cubin)
-            args = [tool, "-sass", fh.name] if tool.endswith("cuobjdump") else [tool, fh.name]
-            asm = subprocess.run(args, capture_output=True, text=True).stdout
-    if not asm:
-        return {"sass": "unavailable"}
-    ops = re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", asm, flags=re.M)
-    counts = {}
-    for op in ops:
-        base = op.split(".")[0]
-        counts[base] = counts.get(base, 0) + 1
-    top = sorted(counts.items(), key=lambda kv: -kv[1])[:25]
-    return {"total": len(ops), "regs": getattr(kernel, "n_regs", None), "spills": getattr(kernel, "n_spills", None),
-            "top": top}
-
-
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "decode":
@@ -380,6 +329,10 @@ def main(argv=None) -> int:
                         help="prefill inputs: outlier (dense, the headline) or sink (sparse: measures SAS tile "
                              "skipping with a sparsity threshold, e.g. --set sparsity_threshold=8)")
     parser.add_argument("--grid", default="", help="sweep grid, e.g. 'block_m=64,128;block_n=128;use_sas=false'")
+    parser.add_argument("--sass-of", choices=["prefill", "decode"], default="prefill",
+                        help="sass: the kernel to compile for sm_90 and count (no GPU needed; the first --models "
+                             "entry gives the shape; decode loops in code order: buffer, 4-bit pool, 2-bit pool)")
+    parser.add_argument("--bits", type=int, choices=[4, 2], default=4, help="sass of decode: the cache's pool")
     args = parser.parse_args(argv)
     from kernels import KernelConfig
 
@@ -414,7 +367,10 @@ def main(argv=None) -> int:
             for n in ns:
                 quant_parts(m, n, args.tokens, config)
     else:
-        print(sass_summary(config))
+        from .sass import format_report, offline_sass
+
+        print(format_report(offline_sass(args.sass_of, changes, SEED_MODELS[models[0]], not args.non_causal,
+                                         args.bits)))
     return 0
 
 
