@@ -5,6 +5,7 @@
     python -m autotune report --storage URL --study-name NAME
     python -m autotune bench prefill|decode ...           # peers in the same process (GPU)
     python -m autotune capture ... / eval-ppl ...         # real-model activations and perplexity
+    python -m autotune sparsity ...                       # KV tiles SAS's threshold skips on them
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ SUBCOMMANDS = {
     "eval-ppl": ("autotune.ppl", "main"),
     "report": ("autotune.report", "main"),
     "show": ("autotune.cli", "show_main"),
+    "sparsity": ("autotune.sparsity", "main"),
 }
 
 

@@ -281,6 +281,44 @@ def flashq_attention(qkv: QuantizedQKV, causal: bool, config: KernelConfig) -> t
     return torch.where((l_i > 0)[..., None], out, torch.zeros_like(out))
 
 
+
+def threshold_tile_skips(qkv: QuantizedQKV, causal: bool, config: KernelConfig) -> tuple[int, int]:
+    """(skipped, visited) KV tiles of the prefill kernel with config's sparsity threshold T.
+
+    The kernel visits, per Q tile of block_m rows and (batch, query head), the KV tiles of block_n
+    keys up to the diagonal (all of them when not causal), in order, and skips a tile in which no
+    row has a score above m_new - T (m_new: the row's running maximum including the tile; the tile
+    maximum decides, so the skip is exact). Scores as in `flashq_attention` (same Nq = Nk; the
+    kernel's own fp32 rounding can move a score that lies within ~1e-6 of the boundary). 0 skipped
+    without a threshold.
+    """
+    b, hq, nq, d = qkv.q_codes.shape
+    group = hq // qkv.k_codes.shape[1]
+    bm, bn, t = config.block_m, config.block_n, config.sparsity_threshold
+    device = qkv.q_codes.device
+    qs = qkv.q_scales.repeat_interleave(bm, dim=-1)[..., :nq]
+    kc = qkv.k_codes.double().repeat_interleave(group, dim=1)
+    ks = qkv.k_scales.repeat_interleave(group, dim=1)
+    skipped = visited = 0
+    for i0 in range(0, nq, bm):
+        rows = torch.arange(i0, min(i0 + bm, nq), device=device)
+        q_tile = qkv.q_codes[:, :, rows].double()
+        m_i = torch.full((b, hq, rows.numel()), float("-inf"), device=device)
+        hi = min(i0 + bm, nq) if causal else nq
+        for j, start in enumerate(range(0, hi, bn)):
+            cols = torch.arange(start, min(start + bn, nq), device=device)
+            s = torch.matmul(q_tile, kc[:, :, cols].transpose(-1, -2)).float()
+            s = s * (qs[:, :, rows] * ks[:, :, j, None])[..., None]
+            if causal:
+                s = s.masked_fill(cols[None, :] > rows[:, None], float("-inf"))
+            m_tile = s.amax(-1)
+            m_new = torch.maximum(m_i, m_tile)
+            visited += b * hq
+            if t is not None:
+                skipped += int((m_tile <= m_new - t).all(dim=-1).sum())
+            m_i = m_new
+    return skipped, visited
+
 def turbo_attention_reference(q, k, v, causal: bool = True, config: KernelConfig | None = None, sm_scale: float | None = None) -> torch.Tensor:
     """TurboAttention prefill numerics end to end: BPQ stage 1, then FlashQ attention with SAS.
 

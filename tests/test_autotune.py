@@ -309,3 +309,36 @@ def test_bench_sink_inputs_make_tiles_dead():
     q, k, v = R.sink_qkv(1, 1, 1, 256, 128, live_tiles=((0, 64),))
     s = (q.float() @ k.float().transpose(-1, -2))[0, 0] * 128 ** -0.5 * R.LOG2E
     assert float(s[:, :64].min()) - float(s[:, 64:].max()) > 16.0
+
+
+def test_sparsity_counts_skippable_tiles_of_captured_layers(tmp_path, capsys):
+    """`python -m autotune sparsity` on a calibration file: per layer, tile shape and threshold, the
+    kernel's skip count as kernels.reference models it (the kernel matches it in test_prefill)."""
+    import csv
+
+    import torch
+
+    from autotune import capture, sparsity
+    from kernels import reference as R
+
+    q, k, v = R.sink_qkv(1, 2, 1, 192, 64, dtype=torch.float32)
+    samples = [{"layer": layer, "prompt": 0, "q": q, "k": k, "v": v, "sm_scale": 64 ** -0.5, "causal": True}
+               for layer in (0, 3)]
+    path = tmp_path / "calib.pt"
+    torch.save({"format": capture.FORMAT, "version": capture.VERSION, "model": "toy", "samples": samples}, path)
+    out = tmp_path / "skips.csv"
+    assert sparsity.main(["--calibration", str(path), "--thresholds", "4,60", "--tiles", "32x32,64x32",
+                          "--layers", "3", "--out", str(out)]) == 0
+    with out.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["layer"], r["block_m"], r["sparsity_threshold"]) for r in rows] == [
+        ("3", "32", "4.0"), ("3", "32", "60.0"), ("3", "64", "4.0"), ("3", "64", "60.0")]
+    cfg = KernelConfig(block_m=32, block_n=32, sparsity_threshold=4.0)
+    skipped, visited = R.threshold_tile_skips(R.quantize_qkv(q, k, v, cfg, 64 ** -0.5), True, cfg)
+    assert (int(rows[0]["tiles_skipped"]), int(rows[0]["tiles_visited"])) == (skipped, visited) and skipped > 0
+    assert int(rows[1]["tiles_skipped"]) == 0  # T = 60 octaves keeps everything
+    assert "of KV tiles skipped" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--tiles"):
+        sparsity.main(["--calibration", str(path), "--tiles", "64by128"])
+    with pytest.raises(SystemExit, match="sparsity_threshold"):
+        sparsity.main(["--calibration", str(path), "--thresholds", "0.5"])

@@ -194,36 +194,6 @@ def test_sas_kernel_exponential_matches_reference(device):
     assert 0.0 <= float(y[2]) < 1e-37
 
 
-def expected_tile_skips(qkv, causal, config):
-    """(skipped, visited) KV tiles of the attention kernel, modelled on the reference's scores: the
-    kernel visits, per Q tile, the KV tiles up to the diagonal (all when not causal), in order, and
-    skips one where no real row has a score above m_new - T (its tile maximum decides)."""
-    b, hq, nq, d = qkv.q_codes.shape
-    group = hq // qkv.k_codes.shape[1]
-    bm, bn, t = config.block_m, config.block_n, config.sparsity_threshold
-    qs = qkv.q_scales.repeat_interleave(bm, dim=-1)[..., :nq]
-    kc = qkv.k_codes.double().repeat_interleave(group, dim=1)
-    ks = qkv.k_scales.repeat_interleave(group, dim=1)
-    skipped = visited = 0
-    for i0 in range(0, nq, bm):
-        rows = torch.arange(i0, min(i0 + bm, nq), device=qkv.q_codes.device)
-        m_i = torch.full((b, hq, rows.numel()), float("-inf"), device=rows.device)
-        hi = min(i0 + bm, nq) if causal else nq
-        for j, start in enumerate(range(0, hi, bn)):
-            cols = torch.arange(start, min(start + bn, nq), device=rows.device)
-            s = torch.matmul(qkv.q_codes[:, :, rows].double(), kc[:, :, cols].transpose(-1, -2)).float()
-            s = s * (qs[:, :, rows] * ks[:, :, j, None])[..., None]
-            if causal:
-                s = s.masked_fill(cols[None, :] > rows[:, None], float("-inf"))
-            m_tile = s.amax(-1)
-            m_new = torch.maximum(m_i, m_tile)
-            dead = bool((m_tile <= m_new - t).all())
-            skipped += b * hq if dead else 0  # the same tile of every head: the data repeat per head
-            visited += b * hq
-            m_i = m_new
-    return skipped, visited
-
-
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("use_sas", [True, False])
 def test_threshold_skips_dead_tiles(causal, use_sas, device):
@@ -243,7 +213,7 @@ def test_threshold_skips_dead_tiles(causal, use_sas, device):
     ref = R.turbo_attention_reference(q, k, v, causal, cfg)
     assert R.attention_error(out.float(), ref).sqnr_db >= SQNR_KERNEL_VS_REF_DB
     assert R.attention_error(out.float(), R.exact_attention(q, k, v, causal)).cosine >= COSINE_FLOOR
-    expected = expected_tile_skips(R.quantize_qkv(q, k, v, cfg), causal, cfg)
+    expected = R.threshold_tile_skips(R.quantize_qkv(q, k, v, cfg), causal, cfg)
     assert tuple(skips.tolist()) == expected
     assert expected[0] >= expected[1] // 3  # the data do make most middle tiles dead
     # without a threshold nothing is skipped, and the same call without counting gives the same output
@@ -311,5 +281,5 @@ def test_gpu_threshold_skips_dead_tiles(use_sas, causal):
     launch_flashq(q, kv, out, causal, cfg, d ** -0.5, skips=skips)
     ref = R.turbo_attention_reference(q, k, v, causal, cfg)
     assert R.attention_error(out.float(), ref).sqnr_db >= SQNR_KERNEL_VS_REF_DB
-    expected = expected_tile_skips(R.quantize_qkv(q, k, v, cfg), causal, cfg)
+    expected = R.threshold_tile_skips(R.quantize_qkv(q, k, v, cfg), causal, cfg)
     assert tuple(skips.tolist()) == expected and expected[0] > expected[1] // 2
