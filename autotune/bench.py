@@ -234,7 +234,8 @@ def config_label(config) -> str:
     thr = "none" if config.sparsity_threshold is None else f"{config.sparsity_threshold:g}"
     return (f"bm{config.block_m}-bn{config.block_n}-w{config.num_warps}-s{config.num_stages}-"
             f"{'sas' if config.use_sas else 'exp2'}-p{config.p_scale}-t{thr}"
-            f"{'-smooth-' + config.balance if config.smooth_k else ''}")
+            f"{'-smooth-' + config.balance if config.smooth_k else ''}"
+            f"{'' if config.max_registers is None else f'-r{config.max_registers}'}")
 
 
 def write_rows(path: pathlib.Path, rows: list[dict], columns: list[str]) -> None:

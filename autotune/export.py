@@ -64,6 +64,8 @@ def build_document(config: KernelConfig, *, gpu: str, gpu_name: str, model: str,
     if workload.kinds.prefill:
         entry = {"max_seq_len": max(workload.max_prefill_len, 1)}
         entry.update({inverse_prefill[f]: values[f] for f in ("block_m", "block_n", "num_warps", "num_stages")})
+        if values["max_registers"] is not None:
+            entry["maxnreg"] = values["max_registers"]
         prefill.append(entry)
     decode = []
     if workload.kinds.decode:

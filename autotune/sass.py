@@ -140,11 +140,13 @@ def _capture(kernel: str, config_changes: dict, model: tuple[int, int, int], cau
                 divisible.append(name)
         else:
             raise TypeError(f"argument {name} of type {type(value).__name__} is not supported")
-    launch = {key: kwargs.pop(key) for key in ("num_warps", "num_stages") if key in kwargs}
+    launch = {key: kwargs.pop(key) for key in ("num_warps", "num_stages", "maxnreg") if key in kwargs}
     return dict(signature=signature, divisible=divisible, constexprs=kwargs,
                 num_warps=launch.get("num_warps", config.num_warps if kernel == "prefill" else config.decode_num_warps),
                 num_stages=launch.get("num_stages",
-                                      config.num_stages if kernel == "prefill" else config.decode_num_stages))
+                                      config.num_stages if kernel == "prefill" else config.decode_num_stages),
+                # a compiler option, which the interpreter's launch leaves out
+                maxnreg=config.max_registers if kernel == "prefill" else None)
 
 
 # ----------------------------------------------------------------------------- compile (no interpreter)
@@ -164,8 +166,10 @@ def _compile(kernel: str, spec: dict, arch: int) -> SassReport:
     signature = {name: ("constexpr" if name in constexprs else spec["signature"][name]) for name in fn.arg_names}
     attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in spec["divisible"]}
     src = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]})
+    options = {"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]}
+    if spec.get("maxnreg") is not None:
+        options["maxnreg"] = spec["maxnreg"]
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     tools = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     with tempfile.TemporaryDirectory() as tmp:
         cubin = pathlib.Path(tmp) / "kernel.cubin"

@@ -45,6 +45,11 @@ class KernelConfig:
       block_m: Br, query rows per program and per INT8 Q tile (16..256, power of two).
       block_n: Bc, key/value rows per inner-loop tile and per INT8 K/V tile (16..256, power of two).
       num_warps, num_stages: Triton launch parameters of the attention kernel.
+      max_registers: a cap on the attention kernel's registers per thread (Triton's maxnreg; 32..255),
+        None = the compiler's choice. On sm_90 the default tiles take 255, which lets two programs
+        share an SM; 168 with num_stages=2 fits three (more warps to overlap one program's tensor-core
+        products with another's softmax) at the price of spills (sm_90 SASS: 53 local-memory
+        accesses per KV tile, 928 instructions against 853). Not yet timed on a GPU.
       compute_format: "int8" (the paper's INT8 tensor-core products for QK^T and PV).
       p_scale: "row" quantizes P per row of each tile against the tile-local maximum (no extra
         reduction, better accuracy on flat attention); "fixed" uses 1/127 against the running max.
@@ -97,6 +102,7 @@ class KernelConfig:
     decode_num_stages: int = 2
     decode_q_split: bool = False
     num_splits: int | None = None
+    max_registers: int | None = None
 
     def __post_init__(self) -> None:
         _check_choice("block_m", self.block_m, POWERS_OF_TWO_TILE)
@@ -128,6 +134,8 @@ class KernelConfig:
         _check_int_range("decode_num_stages", self.decode_num_stages, 1, 8)
         if self.num_splits is not None:
             _check_int_range("num_splits", self.num_splits, 1, 1024)
+        if self.max_registers is not None:
+            _check_int_range("max_registers", self.max_registers, 32, 255)
 
     def replace(self, **changes: Any) -> "KernelConfig":
         """A copy with some fields changed (validated like a new config)."""

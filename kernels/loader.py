@@ -27,7 +27,7 @@ _log = logging.getLogger("kernels.loader")
 _said: set[str] = set()
 
 PREFILL_KEYS = {"max_seq_len": "max_seq_len", "BLOCK_M": "block_m", "BLOCK_N": "block_n",
-                "num_warps": "num_warps", "num_stages": "num_stages"}
+                "num_warps": "num_warps", "num_stages": "num_stages", "maxnreg": "max_registers"}
 DECODE_KEYS = {"max_ctx": "max_ctx", "BLOCK_N": "decode_block_n", "num_splits": "num_splits",
                "num_warps": "decode_num_warps", "num_stages": "decode_num_stages", "q_split": "decode_q_split"}
 QUANT_KEYS = ("bit_mix", "sparsity_threshold", "buffer_tokens", "use_sas", "p_scale", "smooth_k", "balance", "v_group")

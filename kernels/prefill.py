@@ -309,6 +309,8 @@ def launch_flashq(q, kv: QuantizedKV, out: torch.Tensor, causal: bool, config: K
     threshold = config.sparsity_threshold
     dh, dt = head_dim_split(d)
     quant_q = q_scales is None
+    # the register cap is a compiler option: the interpreter has no registers to cap
+    options = dict(maxnreg=config.max_registers) if config.max_registers is not None and out.is_cuda else {}
     _flashq_fwd_kernel[(n_q_tiles, b * hq)](
         q, q_scales if q_scales is not None else kv.k_scales, kv.k_codes, kv.vt_codes, kv.k_scales, kv.v_scales,
         kv.smooth if kv.smooth is not None else kv.k_scales, out, skips if skips is not None else kv.k_scales,
@@ -319,7 +321,7 @@ def launch_flashq(q, kv: QuantizedKV, out: torch.Tensor, causal: bool, config: K
         QUANT_Q=quant_q, SMOOTH_K=kv.smooth is not None, CAUSAL=causal, USE_SAS=config.use_sas,
         HAS_THRESHOLD=threshold is not None, P_ROW=config.p_scale == "row", REF_CLAMP=REF_MAX_CLAMP,
         LOG2_P_SCALE=LOG2_127, FAST_EXP=out.device.type == "cuda", COUNT_SKIPS=skips is not None,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        num_warps=config.num_warps, num_stages=config.num_stages, **options,
     )
     return out
 

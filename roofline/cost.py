@@ -231,7 +231,7 @@ CONFIG_DEFAULTS: Mapping[str, Any] = {
     "use_sas": False, "sparsity_threshold": None, "p_scale": "row", "smooth_k": True,
     "bit_mix": 0.0, "buffer_tokens": 64, "v_group": 32,
     "decode_block_n": 64, "decode_num_warps": 4, "decode_num_stages": 2, "num_splits": None,
-    "sas_fma_fraction": 1.0,
+    "max_registers": None, "sas_fma_fraction": 1.0,
 }
 # What the fp16 baselines are modelled with (FA2's tiles for D <= 128 on sm_80/90).
 BASELINE_CONFIG: Mapping[str, Any] = dict(CONFIG_DEFAULTS, block_m=128, block_n=64, num_warps=8, num_stages=2,
@@ -411,6 +411,7 @@ class ResourceUsage(NamedTuple):
     blocks_per_sm: int  # 0 = does not fit on an SM at all
     limiter: str  # "smem" | "registers" | "threads" | "blocks"
     smem_breakdown: dict
+    spills: bool = False  # config.max_registers under the estimate: the compiler spills to local memory
 
 
 def resource_usage(kernel: str, config: Any, gpu: "str | GPUSpec", head_dim: int) -> ResourceUsage:
@@ -431,6 +432,8 @@ def resource_usage(kernel: str, config: Any, gpu: "str | GPUSpec", head_dim: int
     quantize: 4 warps, a Br x Dp fp16 tile in registers, 1 KiB of smem for the reductions.
     blocks/SM = min(max blocks, max threads / threads, regs_per_sm / (regs rounded up to 8 * threads),
                     smem per SM / smem).
+    prefill with config.max_registers: regs/thread = min(estimate, cap); under the estimate the kernel
+    spills (ResourceUsage.spills), which `predict` charges as register pressure.
     """
     kernel = _check_kernel(kernel)
     gpu = resolve_gpu(gpu)
@@ -460,6 +463,10 @@ def resource_usage(kernel: str, config: Any, gpu: "str | GPUSpec", head_dim: int
         live_regs = max(knobs["block_m"], knobs["block_n"]) * dp / 2
     smem = int(sum(breakdown.values()))
     regs = int(math.ceil(live_regs / threads)) + REGISTER_BASE_PER_THREAD
+    cap = knobs.get("max_registers") if kernel == "prefill" else None
+    spilled = cap is not None and cap < min(regs, MAX_REGS_PER_THREAD)
+    if cap is not None:
+        regs = min(regs, cap)  # the compiler spills the rest (the penalty below counts it as pressure)
     regs_alloc = 8 * math.ceil(min(regs, MAX_REGS_PER_THREAD) / 8)
     limits = {
         "blocks": gpu.max_blocks_per_sm,
@@ -468,7 +475,7 @@ def resource_usage(kernel: str, config: Any, gpu: "str | GPUSpec", head_dim: int
         "smem": int(gpu.smem_per_sm_kb * 1024) // smem,
     }
     limiter = min(limits, key=lambda k: (limits[k], k != "smem"))
-    return ResourceUsage(smem, regs, threads, max(0, limits[limiter]), limiter, breakdown)
+    return ResourceUsage(smem, regs, threads, max(0, limits[limiter]), limiter, breakdown, spilled)
 
 
 def check_feasible(kernel: str, config: Any, gpu: "str | GPUSpec", head_dim: int) -> tuple[bool, str]:
@@ -915,7 +922,7 @@ def predict(kernel: str, shape: Any, config: Any = None, gpu: "str | GPUSpec" = 
         stages = knobs["decode_num_stages"]
     else:
         tc_util, stages = 1.0, 1
-    reg_penalty = REGISTER_PRESSURE_PENALTY if use.regs_per_thread > REGISTER_SOFT_LIMIT else 1.0
+    reg_penalty = REGISTER_PRESSURE_PENALTY if use.regs_per_thread > REGISTER_SOFT_LIMIT or use.spills else 1.0
     units = cost.flops_by_unit
     ideal = {
         "memory": max(cost.bytes / peaks["memory"], cost.l2_bytes / peaks["l2"]),

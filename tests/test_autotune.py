@@ -76,9 +76,11 @@ def test_help_explains_the_tool():
     assert out.returncode == 0 and "--gpu" in out.stdout and "resumes" in out.stdout
 
 
-def _doc(gpu="h100-sxm", model="llama3-8b", schema=1, triton_version="3.6.0", block_m=64, q_split=False):
+def _doc(gpu="h100-sxm", model="llama3-8b", schema=1, triton_version="3.6.0", block_m=64, q_split=False,
+         max_registers=None):
     wl = O.Workload("llama3-8b", 32, 8, 128, (O.Point("prefill", 4096, 4, 1.0), O.Point("decode", 32768, 8, 1.0)))
-    doc = export.build_document(KernelConfig(block_m=block_m, bit_mix=0.25, decode_q_split=q_split), gpu=gpu, gpu_name="NVIDIA H100 80GB HBM3",
+    doc = export.build_document(KernelConfig(block_m=block_m, bit_mix=0.25, decode_q_split=q_split,
+                                             max_registers=max_registers), gpu=gpu, gpu_name="NVIDIA H100 80GB HBM3",
                                 model=model, geometry={"num_q_heads": 32, "num_kv_heads": 8, "head_dim": 128},
                                 source="measured", study={"storage": "postgresql://u:pw@h/db", "name": "s",
                                                           "trials": 3, "best_trial": 1},
@@ -97,6 +99,14 @@ def test_export_loader_round_trip(tmp_config_dir):
     assert cfg.block_m == 32 and cfg.bit_mix == 0.25 and cfg.decode_q_split is True
     # by the device name too, and by head_dim without a model
     assert loader.load_config(gpu="NVIDIA H100 80GB HBM3", head_dim=128).block_m == 32
+    assert "maxnreg" not in doc["prefill"][0] and cfg.max_registers is None
+
+
+def test_export_loader_round_trip_register_cap(tmp_config_dir):
+    doc = _doc(max_registers=168)
+    assert doc["prefill"][0]["maxnreg"] == 168
+    export.write_document(doc, tmp_config_dir)
+    assert loader.load_config(gpu="h100-sxm", model="llama3-8b").max_registers == 168
 
 
 def test_loader_fallbacks_warn_once(tmp_config_dir):

@@ -38,6 +38,9 @@ def test_frozen():
         ("v_group", 24, "v_group"),
         ("decode_block_n", 100, "decode_block_n"),
         ("num_splits", 0, "num_splits"),
+        ("max_registers", 16, "max_registers"),
+        ("max_registers", 256, "max_registers"),
+        ("max_registers", 168.0, "max_registers"),
     ],
 )
 def test_invalid_values_name_the_field(field, value, needle):

@@ -589,3 +589,15 @@ def test_roofline_imports_nothing_heavy_or_of_ours():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(
         __import__("pathlib").Path(roofline.__file__).resolve().parents[1]))
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_register_cap_is_modelled_as_occupancy_and_spills():
+    from roofline import resource_usage
+
+    free = resource_usage("prefill", cfg(num_stages=2), "h100", 128)
+    capped = resource_usage("prefill", cfg(num_stages=2, max_registers=128), "h100", 128)
+    assert not free.spills and capped.spills and capped.regs_per_thread == 128
+    assert resource_usage("prefill", cfg(max_registers=255), "h100", 128).spills is False  # a cap above the need
+    shape = AttentionShape(**SMALL, causal=False)
+    assert kernel_cost("prefill", shape, cfg(max_registers=128), "h100").flops == kernel_cost(
+        "prefill", shape, cfg(), "h100").flops  # the same work, only its rate differs

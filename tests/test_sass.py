@@ -54,3 +54,10 @@ def test_decode_packed_loop_uses_int8_scores(bits):
     assert _has(pool4, "IMMA") >= 8  # INT8 scores of the raw codes
     assert _has(pool4, "HMMA") >= 16  # fp16 PV of the unpacked codes
     assert pool4.instructions < 1000  # 901 at the change that added this test
+
+
+def test_register_cap_reaches_the_compiler():
+    """max_registers (Triton's maxnreg) caps the prefill's registers; the compiler spills the rest."""
+    report = offline_sass("prefill", {"max_registers": 168, "num_stages": 2}, (32, 8, 128))
+    assert report.registers == 168
+    assert _has(report.loops[0], "STL") + _has(report.loops[0], "LDL") > 0
