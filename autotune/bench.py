@@ -2,7 +2,8 @@
 
 Providers: `turbo` (quantization pass + attention kernel, the headline), `turbo_kernel` (attention
 kernel on pre-quantized tiles) and `turbo_quant` (the quantization pass alone), for the time
-breakdown; `sdpa_flash` and `sdpa_cudnn` (torch SDPA backends, fp16) and `sage1`
+breakdown; `turbo_loaded` (turbo_attention with config=None: the tuned document the loader finds
+for this GPU and head dim, when it differs from the benchmarked config); `sdpa_flash` and `sdpa_cudnn` (torch SDPA backends, fp16) and `sage1`
 (SageAttention 1.0.6 when importable). With `--kv-cache BIT_MIX`: `turbo_fill_cache` (the prefill
 also storing the prompt into a TurboKVCache, its by-product) and `turbo_then_cache_prefill` (the
 prefill, then a separate `cache.prefill` that reads K and V again). TOPS = 4 * B * Hq * N^2 * D, halved for causal, for every
@@ -161,6 +162,7 @@ def bench_prefill(models, ns, tokens: int, causal: bool, out_dir: pathlib.Path, 
     import triton
 
     from kernels import KernelConfig, TurboKVCache, reference
+    from kernels.loader import load_config
     from kernels.prefill import launch_flashq, turbo_attention
     from kernels.quant import quantize_kv_tiles
 
@@ -190,6 +192,9 @@ def bench_prefill(models, ns, tokens: int, causal: bool, out_dir: pathlib.Path, 
                 "turbo_kernel": (lambda: launch_flashq(q, tiles, out, causal, config, scale), False),
                 "turbo_quant": (lambda: quantize_kv_tiles(q, k, v, config.block_n, scale, config.smooth_k, config.balance), False),
             }
+            loaded = load_config(head_dim=d, seq_len=n)  # what turbo_attention(config=None) runs here
+            if loaded != config:
+                fns["turbo_loaded"] = (lambda: turbo_attention(q, k, v, causal=causal), False)
             if kv_cache_mix is not None:
                 cache = TurboKVCache(batch, hkv, d, n, device="cuda", dtype=dtype,
                                      config=KernelConfig(bit_mix=kv_cache_mix))
@@ -214,13 +219,16 @@ def bench_prefill(models, ns, tokens: int, causal: bool, out_dir: pathlib.Path, 
                     cos, rel = err.cosine, err.rel_l1
                 row = dict(kernel="prefill", provider=provider, model=model, batch=batch, hq=hq, hkv=hkv, n=n, d=d,
                            dtype=dtype_name, causal=causal,
-                           config=config_label(config) if provider.startswith("turbo") else "",
+                           config=(config_label(loaded if provider == "turbo_loaded" else config)
+                                   if provider.startswith("turbo") else ""),
                            ms_p20=round(p20, 5), ms_p50=round(p50, 5), ms_p80=round(p80, 5),
                            tops=round(flops / (p50 * 1e-3) / 1e12, 1) if provider != "turbo_quant" else "",
                            cosine=round(cos, 6), rel_l1=round(rel, 6),
-                           quant_in_timed_region=provider in ("turbo", "turbo_fill_cache", "turbo_then_cache_prefill"),
+                           quant_in_timed_region=provider in ("turbo", "turbo_loaded", "turbo_fill_cache",
+                                                              "turbo_then_cache_prefill"),
                            kv_repeated_for_peer=repeated, data=data,
-                           tiles_skipped_pct=skipped_pct if provider.startswith("turbo") else "", **meta)
+                           tiles_skipped_pct=(skipped_pct if provider.startswith("turbo") and provider != "turbo_loaded"
+                                              else ""), **meta)
                 rows.append(row)
                 print(f"{model:11s} N={n:6d} B={batch:2d} {provider:24s} {p50:8.3f} ms  {row['tops']!s:>7} TOPS  cos={cos:.5f}", flush=True)
             del q, k, v, ref, tiles, out, fns
