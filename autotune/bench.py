@@ -3,7 +3,8 @@
 Providers: `turbo` (quantization pass + attention kernel, the headline), `turbo_kernel` (attention
 kernel on pre-quantized tiles) and `turbo_quant` (the quantization pass alone), for the time
 breakdown; `turbo_loaded` (turbo_attention with config=None: the tuned document the loader finds
-for this GPU and head dim, when it differs from the benchmarked config); `sdpa_flash` and `sdpa_cudnn` (torch SDPA backends, fp16) and `sage1`
+for this GPU and head dim, when it differs from the benchmarked config); `turbo_gluon` (the
+quantization pass + kernels/prefill_gluon.py's kernel, where it applies: D = 64/128, exp2); `sdpa_flash` and `sdpa_cudnn` (torch SDPA backends, fp16) and `sage1`
 (SageAttention 1.0.6 when importable). With `--kv-cache BIT_MIX`: `turbo_fill_cache` (the prefill
 also storing the prompt into a TurboKVCache, its by-product) and `turbo_then_cache_prefill` (the
 prefill, then a separate `cache.prefill` that reads K and V again). TOPS = 4 * B * Hq * N^2 * D, halved for causal, for every
@@ -164,6 +165,7 @@ def bench_prefill(models, ns, tokens: int, causal: bool, out_dir: pathlib.Path, 
     from kernels import KernelConfig, TurboKVCache, reference
     from kernels.loader import load_config
     from kernels.prefill import launch_flashq, turbo_attention
+    from kernels.prefill_gluon import check_gluon_config, launch_flashq_gluon
     from kernels.quant import quantize_kv_tiles
 
     if not torch.cuda.is_available():
@@ -192,6 +194,13 @@ def bench_prefill(models, ns, tokens: int, causal: bool, out_dir: pathlib.Path, 
                 "turbo_kernel": (lambda: launch_flashq(q, tiles, out, causal, config, scale), False),
                 "turbo_quant": (lambda: quantize_kv_tiles(q, k, v, config.block_n, scale, config.smooth_k, config.balance), False),
             }
+            try:
+                check_gluon_config(config, d)
+                fns["turbo_gluon"] = (lambda: launch_flashq_gluon(
+                    q, quantize_kv_tiles(q, k, v, config.block_n, scale, config.smooth_k, config.balance),
+                    torch.empty_like(q), causal, config, scale), False)
+            except ValueError as exc:
+                print(f"  turbo_gluon: not run ({exc})")
             loaded = load_config(head_dim=d, seq_len=n)  # what turbo_attention(config=None) runs here
             if loaded != config:
                 fns["turbo_loaded"] = (lambda: turbo_attention(q, k, v, causal=causal), False)
@@ -224,7 +233,7 @@ def bench_prefill(models, ns, tokens: int, causal: bool, out_dir: pathlib.Path, 
                            ms_p20=round(p20, 5), ms_p50=round(p50, 5), ms_p80=round(p80, 5),
                            tops=round(flops / (p50 * 1e-3) / 1e12, 1) if provider != "turbo_quant" else "",
                            cosine=round(cos, 6), rel_l1=round(rel, 6),
-                           quant_in_timed_region=provider in ("turbo", "turbo_loaded", "turbo_fill_cache",
+                           quant_in_timed_region=provider in ("turbo", "turbo_loaded", "turbo_gluon", "turbo_fill_cache",
                                                               "turbo_then_cache_prefill"),
                            kv_repeated_for_peer=repeated, data=data,
                            tiles_skipped_pct=(skipped_pct if provider.startswith("turbo") and provider != "turbo_loaded"

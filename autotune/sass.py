@@ -184,6 +184,62 @@ def _compile(kernel: str, spec: dict, arch: int) -> SassReport:
                       int(compiled.metadata.shared), total, loops, spec["constexprs"])
 
 
+def _compile_gluon_prefill(d: int, block_n: int, causal: bool, arch: int) -> tuple[SassReport, str]:
+    """Child process, no interpreter: kernels.prefill_gluon's kernel compiled for sm_<arch> (its
+    signature is fixed, so no launch needs capturing)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from kernels.config import REF_MAX_CLAMP
+    from kernels.prefill_gluon import GLUON_BLOCK_M, LOG2_127, NUM_BUF, _gluon_flashq_kernel as fn
+
+    types = dict(Qx="*fp16", KC="*i8", VT="*i8", KS="*fp32", VS="*fp32", SMOOTH="*fp32", Out="*fp16", fold="fp32")
+    constexprs = dict(D=d, BM=GLUON_BLOCK_M, BN=block_n, SMOOTH_K=True, CAUSAL=causal, P_ROW=True,
+                      REF_CLAMP=REF_MAX_CLAMP, LOG2_P_SCALE=LOG2_127, NUM_BUF=NUM_BUF, num_warps=4)
+    signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in fn.arg_names}
+    aligned = [n for n in fn.arg_names if n in types and types[n].startswith("*") or n.startswith("stride")
+               or n == "NK_PAD"]
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    compiled = triton.compile(GluonASTSource(fn, signature, constexprs=constexprs, attrs=attrs),
+                              target=GPUTarget("cuda", arch, 32), options={"num_warps": 4})
+    tools = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = pathlib.Path(tmp) / "kernel.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        sass = subprocess.run([str(tools / "cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True,
+                              check=True).stdout
+        usage = subprocess.run([str(tools / "cuobjdump"), "-res-usage", str(cubin)], capture_output=True, text=True,
+                               check=True).stdout
+    regs = re.search(r"REG:(\d+)", usage)
+    total, loops = parse_sass(sass)
+    return SassReport("prefill-gluon", f"sm_{arch}", 4, NUM_BUF, int(regs.group(1)) if regs else -1,
+                      int(compiled.metadata.shared), total, loops, constexprs), sass
+
+
+def loop_schedule(sass: str, loop: Loop) -> list[str]:
+    """The loop body's sequence of tensor-core issues ("G": IGMMA/HGMMA), waits for them ("W"),
+    exponentials ("E": MUFU.EX2) and local-memory accesses ("S": spills), in code order."""
+    out = []
+    for m in map(_INSTR.match, sass.splitlines()):
+        if not m or not loop.start <= int(m.group(1), 16) <= loop.end:
+            continue
+        op = m.group(2)
+        tag = ("G" if op.startswith(("IGMMA", "HGMMA")) else "W" if op.startswith("WARPGROUP.DEPBAR")
+               else "E" if op.startswith("MUFU.EX2") else "S" if op.startswith(("STL", "LDL")) else None)
+        if tag:
+            out.append(tag)
+    return out
+
+
+def gluon_prefill_sass(d: int = 128, block_n: int = 128, causal: bool = True, arch: int = 90) -> tuple[SassReport, str]:
+    """(report, SASS text) of kernels.prefill_gluon's kernel; needs no GPU."""
+    out = _child("gluon", dict(d=d, block_n=block_n, causal=causal, arch=arch))
+    sass = out.pop("sass")
+    out["loops"] = [Loop(**loop) for loop in out["loops"]]
+    return SassReport(**out), sass
+
+
 def _child(mode: str, payload: dict) -> dict:
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
@@ -233,6 +289,11 @@ def _main(argv: list[str]) -> None:
     if mode == "capture":
         result = _capture(payload["kernel"], payload["config"], tuple(payload["model"]), payload["causal"],
                           payload["bits"])
+    elif mode == "gluon":
+        report, sass = _compile_gluon_prefill(payload["d"], payload["block_n"], payload["causal"], payload["arch"])
+        result = report._asdict()
+        result["loops"] = [loop._asdict() for loop in report.loops]
+        result["sass"] = sass
     else:
         report = _compile(payload["kernel"], payload["spec"], payload["arch"])
         result = report._asdict()

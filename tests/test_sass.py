@@ -35,6 +35,9 @@ def test_prefill_default_loop_is_tensor_core_and_conversion_free():
     assert _has(main, "MUFU.EX2") >= 64  # exp2 on the special-function unit, one per score
     assert not any(_has(main, c) for c in CONVERSIONS), main.ops
     assert main.instructions < 1000  # 853 at the change that added this test
+    # tl.dot waits for each product right after issuing it: one wait per product, no overlap of the
+    # tensor cores with the softmax inside a program (kernels/prefill_gluon.py has one wait per tile)
+    assert _has(main, "WARPGROUP.DEPBAR") == 2
 
 
 def test_prefill_sas_threshold_loop_has_no_conversion_and_no_predicate_unpacking():
