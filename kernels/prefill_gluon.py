@@ -73,8 +73,9 @@ def _tile_step(tile, n_tiles, s_int, m_i, l_i, acc, q_smem, k_smem, v_smem, k_pt
     gl.thread_barrier()
     _issue_tile(k_smem, v_smem, k_ptrs, v_ptrs, tile + 2, n_tiles, D, BN, NUM_BUF)
     async_copy.wait_group(1)  # tile + 1's K (and tile's V) have landed
-    gl.thread_barrier()
+    # each thread orders its shared-memory writes before the tensor cores' (async proxy) reads, then all meet
     fence_async_shared()
+    gl.thread_barrier()
     # the next tile's scores on the tensor cores while this tile's softmax runs (past the last tile
     # the slot holds zeros: that product is never read)
     s_next_tok = warpgroup_mma(q_smem, k_smem.index((tile + 1) % NUM_BUF).permute((1, 0)), zero_s,
@@ -182,8 +183,8 @@ def _gluon_flashq_kernel(Qx, KC, VT, KS, VS, SMOOTH, Out,
     _issue_tile(k_smem, v_smem, k_ptrs, v_ptrs, 0, n_tiles, D, BN, NUM_BUF)
     _issue_tile(k_smem, v_smem, k_ptrs, v_ptrs, 1, n_tiles, D, BN, NUM_BUF)
     async_copy.wait_group(1)
+    fence_async_shared()  # the Q tile's stores and the copies, before the tensor cores read them
     gl.thread_barrier()
-    fence_async_shared()
     zero_s = gl.zeros([BM, BN], gl.int32, s_layout)
     zero_o = gl.zeros([BM, D], gl.int32, o_layout)
     s_tok = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
