@@ -281,7 +281,6 @@ def flashq_attention(qkv: QuantizedQKV, causal: bool, config: KernelConfig) -> t
     return torch.where((l_i > 0)[..., None], out, torch.zeros_like(out))
 
 
-
 def threshold_tile_skips(qkv: QuantizedQKV, causal: bool, config: KernelConfig) -> tuple[int, int]:
     """(skipped, visited) KV tiles of the prefill kernel with config's sparsity threshold T.
 
@@ -318,6 +317,7 @@ def threshold_tile_skips(qkv: QuantizedQKV, causal: bool, config: KernelConfig) 
                 skipped += int((m_tile <= m_new - t).all(dim=-1).sum())
             m_i = m_new
     return skipped, visited
+
 
 def turbo_attention_reference(q, k, v, causal: bool = True, config: KernelConfig | None = None, sm_scale: float | None = None) -> torch.Tensor:
     """TurboAttention prefill numerics end to end: BPQ stage 1, then FlashQ attention with SAS.
@@ -479,7 +479,6 @@ def outlier_qkv(b: int, hq: int, hkv: int, n: int, d: int, dtype=torch.float16, 
     return tuple(t.to(device=device, dtype=dtype) for t in (q, k, v))
 
 
-
 def sink_qkv(b: int, hq: int, hkv: int, n: int, d: int, dtype=torch.float16, device="cpu", seed: int = 0,
              live_tiles=((0, 32), (128, 160))) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sparse attention: keys in the `live_tiles` row ranges (an attention sink at the start, and
@@ -495,6 +494,7 @@ def sink_qkv(b: int, hq: int, hkv: int, n: int, d: int, dtype=torch.float16, dev
         k[:, :, lo:hi] += amp * u
     v = torch.randn(b, hkv, n, d, generator=g)
     return tuple(t.to(device=device, dtype=dtype) for t in (q, k, v))
+
 
 # ---- KV cache and decode
 #
