@@ -12,7 +12,9 @@ meant to (conversion instructions: I2F, F2I, FRND; tensor-core ones: IGMMA, IMMA
 How: a real launch of the kernel (tiny shapes, Triton's interpreter, the kernel object replaced by
 a recorder) captures its arguments; their types and the constexprs become an ASTSource compiled
 for the target. Both steps run in child processes, because TRITON_INTERPRET must be set (capture)
-or unset (compile) before triton is imported.
+or unset (compile) before triton is imported. `gluon_prefill_sass` compiles kernels/prefill_gluon.py
+(fixed signature, no capture) and `loop_schedule` lists a loop's tensor-core issues, waits and
+exponentials in code order, which shows whether products overlap the softmax.
 """
 
 from __future__ import annotations
