@@ -165,7 +165,7 @@ def bench_prefill(models, ns, tokens: int, causal: bool, out_dir: pathlib.Path, 
     from kernels import KernelConfig, TurboKVCache, reference
     from kernels.loader import load_config
     from kernels.prefill import launch_flashq, turbo_attention
-    from kernels.prefill_gluon import check_gluon_config, launch_flashq_gluon
+    from kernels.prefill_gluon import check_gluon_config, turbo_attention_gluon
     from kernels.quant import quantize_kv_tiles
 
     if not torch.cuda.is_available():
@@ -196,9 +196,7 @@ def bench_prefill(models, ns, tokens: int, causal: bool, out_dir: pathlib.Path, 
             }
             try:
                 check_gluon_config(config, d)
-                fns["turbo_gluon"] = (lambda: launch_flashq_gluon(
-                    q, quantize_kv_tiles(q, k, v, config.block_n, scale, config.smooth_k, config.balance),
-                    torch.empty_like(q), causal, config, scale), False)
+                fns["turbo_gluon"] = (lambda: turbo_attention_gluon(q, k, v, causal=causal, config=config), False)
             except ValueError as exc:
                 print(f"  turbo_gluon: not run ({exc})")
             loaded = load_config(head_dim=d, seq_len=n)  # what turbo_attention(config=None) runs here

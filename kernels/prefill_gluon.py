@@ -28,8 +28,9 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
+from .checks import check_bool, check_config, check_qkv, check_sm_scale
 from .config import REF_MAX_CLAMP, KernelConfig
-from .quant import QuantizedKV
+from .quant import QuantizedKV, quantize_kv_tiles
 
 MAGIC_F = gl.constexpr(12582912.0)  # 1.5 * 2^23 (kernels/sas.py)
 MAGIC_I = gl.constexpr(0x4B400000)
@@ -245,3 +246,22 @@ def launch_flashq_gluon(q: torch.Tensor, kv: QuantizedKV, out: torch.Tensor, cau
         P_ROW=config.p_scale == "row", REF_CLAMP=REF_MAX_CLAMP, LOG2_P_SCALE=LOG2_127, NUM_BUF=NUM_BUF,
         num_warps=4)
     return out
+
+
+def turbo_attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+                          sm_scale: float | None = None, config: KernelConfig | None = None) -> torch.Tensor:
+    """kernels.turbo_attention's contract (q [B, Hq, N, D], k, v [B, Hkv, N, D], fp16/bf16/fp32) on the
+    Gluon kernel: the quantization pass, then `launch_flashq_gluon`. config=None: KernelConfig().
+    Bad inputs and what the kernel does not cover raise ValueError / TypeError before any launch."""
+    b, hq, hkv, nq, nk, d = check_qkv(q, k, v, dtypes=(torch.float16, torch.bfloat16, torch.float32),
+                                      head_dims=GLUON_HEAD_DIMS, same_len=True)
+    check_bool("causal", causal)
+    check_sm_scale(sm_scale)
+    config = check_config(config) or KernelConfig()
+    check_gluon_config(config, d)
+    if not q.is_cuda:
+        raise ValueError(f"the Gluon prefill kernel needs CUDA tensors (it has no interpreter path), got {q.device}")
+    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
+    kv = quantize_kv_tiles(q, k, v, config.block_n, scale, config.smooth_k, config.balance)
+    out = torch.empty((b, hq, nq, d), device=q.device, dtype=q.dtype)
+    return launch_flashq_gluon(q, kv, out, causal, config, scale)

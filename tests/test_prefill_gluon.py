@@ -52,13 +52,29 @@ def test_gluon_limits_raise_before_any_launch(changes, needle):
         check_gluon_config(KernelConfig(), 96)
 
 
+def test_gluon_entry_point_checks_inputs_before_any_launch():
+    from kernels.prefill_gluon import turbo_attention_gluon
+
+    q, k, v = R.outlier_qkv(1, 4, 2, 16, 128)
+    with pytest.raises(ValueError, match="multiple"):
+        turbo_attention_gluon(q[:, :3], k, v)
+    with pytest.raises(ValueError, match="head dim"):
+        turbo_attention_gluon(q[..., :96], k[..., :96], v[..., :96])
+    with pytest.raises(TypeError, match="causal"):
+        turbo_attention_gluon(q, k, v, causal=1)
+    with pytest.raises(ValueError, match="exp2 without a threshold"):
+        turbo_attention_gluon(q, k, v, config=KernelConfig(use_sas=True))
+    with pytest.raises(ValueError, match="CUDA"):
+        turbo_attention_gluon(q, k, v)
+
+
 def _run(q, k, v, causal, cfg):
     from kernels.prefill_gluon import launch_flashq_gluon
     from kernels.quant import quantize_kv_tiles
 
     d = q.shape[-1]
     kv = quantize_kv_tiles(q, k, v, cfg.block_n, d ** -0.5, cfg.smooth_k, cfg.balance)
-    out = torch.full_like(q, float("nan"))
+    out = torch.full_like(q, float("nan"))  # poisoned: every element must be written
     return launch_flashq_gluon(q, kv, out, causal, cfg, d ** -0.5)
 
 
@@ -87,3 +103,14 @@ def test_gpu_gluon_seed_shape_against_exact_and_triton(p_scale):
     assert R.attention_error(out.float(), R.exact_attention(q, k, v, True)).cosine >= COSINE_FLOOR
     triton_out = turbo_attention(q, k, v, causal=True, config=cfg)
     assert R.attention_error(out.float(), triton_out.float()).sqnr_db >= SQNR_KERNEL_VS_REF_DB
+
+
+@pytest.mark.gpu
+def test_gpu_gluon_entry_point_bf16_views():
+    from kernels.prefill_gluon import turbo_attention_gluon
+
+    q, k, v = R.outlier_qkv(2, 8, 2, 300, 64, dtype=torch.bfloat16, device="cuda", seed=9)
+    qv = q.transpose(1, 2).contiguous().transpose(1, 2)  # a [B, N, H, D] projection seen as [B, H, N, D]
+    out = turbo_attention_gluon(qv, k, v, causal=True)
+    assert out.dtype == torch.bfloat16 and out.shape == q.shape
+    assert R.attention_error(out.float(), R.exact_attention(q, k, v, True)).cosine >= COSINE_FLOOR
