@@ -194,11 +194,13 @@ def bench_prefill(models, ns, tokens: int, causal: bool, out_dir: pathlib.Path, 
                 "turbo_kernel": (lambda: launch_flashq(q, tiles, out, causal, config, scale), False),
                 "turbo_quant": (lambda: quantize_kv_tiles(q, k, v, config.block_n, scale, config.smooth_k, config.balance), False),
             }
-            try:
+            try:  # the experimental kernel: a failure to compile or launch costs its row, not the run
                 check_gluon_config(config, d)
+                turbo_attention_gluon(q, k, v, causal=causal, config=config)
+                torch.cuda.synchronize()
                 fns["turbo_gluon"] = (lambda: turbo_attention_gluon(q, k, v, causal=causal, config=config), False)
-            except ValueError as exc:
-                print(f"  turbo_gluon: not run ({exc})")
+            except Exception as exc:
+                print(f"  turbo_gluon: not run ({type(exc).__name__}: {str(exc)[:120]})")
             loaded = load_config(head_dim=d, seq_len=n)  # what turbo_attention(config=None) runs here
             if loaded != config:
                 fns["turbo_loaded"] = (lambda: turbo_attention(q, k, v, causal=causal), False)
