@@ -101,8 +101,7 @@ def _capture(kernel: str, config_changes: dict, model: tuple[int, int, int], cau
         try:
             q, k, v = reference.outlier_qkv(1, hq, hkv, 2 * config.block_n, d)
             kv = quantize_kv_tiles(q, k, v, config.block_n, d ** -0.5, config.smooth_k, config.balance)
-            skips = None
-            P.launch_flashq(q, kv, torch.empty_like(q), causal, config, d ** -0.5, skips=skips)
+            P.launch_flashq(q, kv, torch.empty_like(q), causal, config, d ** -0.5)
         finally:
             P._flashq_fwd_kernel = target
         names = target.arg_names
@@ -153,6 +152,21 @@ def _capture(kernel: str, config_changes: dict, model: tuple[int, int, int], cau
 
 # ----------------------------------------------------------------------------- compile (no interpreter)
 
+def _disassemble(compiled) -> tuple[str, int]:
+    """(SASS text, registers per thread; -1 if not reported) of a compiled kernel, with the cuobjdump
+    the triton wheel ships."""
+    import triton
+
+    tool = str(pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = pathlib.Path(tmp) / "kernel.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        sass = subprocess.run([tool, "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
+        usage = subprocess.run([tool, "-res-usage", str(cubin)], capture_output=True, text=True, check=True).stdout
+    regs = re.search(r"REG:(\d+)", usage)
+    return sass, int(regs.group(1)) if regs else -1
+
+
 def _compile(kernel: str, spec: dict, arch: int) -> SassReport:
     """Child process, no interpreter: compile the captured launch for sm_<arch>, disassemble it."""
     import triton
@@ -172,17 +186,9 @@ def _compile(kernel: str, spec: dict, arch: int) -> SassReport:
     if spec.get("maxnreg") is not None:
         options["maxnreg"] = spec["maxnreg"]
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
-    tools = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-    with tempfile.TemporaryDirectory() as tmp:
-        cubin = pathlib.Path(tmp) / "kernel.cubin"
-        cubin.write_bytes(compiled.asm["cubin"])
-        sass = subprocess.run([str(tools / "cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True,
-                              check=True).stdout
-        usage = subprocess.run([str(tools / "cuobjdump"), "-res-usage", str(cubin)], capture_output=True, text=True,
-                               check=True).stdout
-    regs = re.search(r"REG:(\d+)", usage)
+    sass, regs = _disassemble(compiled)
     total, loops = parse_sass(sass)
-    return SassReport(kernel, f"sm_{arch}", spec["num_warps"], spec["num_stages"], int(regs.group(1)) if regs else -1,
+    return SassReport(kernel, f"sm_{arch}", spec["num_warps"], spec["num_stages"], regs,
                       int(compiled.metadata.shared), total, loops, spec["constexprs"])
 
 
@@ -205,17 +211,9 @@ def _compile_gluon_prefill(d: int, block_n: int, causal: bool, arch: int) -> tup
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     compiled = triton.compile(GluonASTSource(fn, signature, constexprs=constexprs, attrs=attrs),
                               target=GPUTarget("cuda", arch, 32), options={"num_warps": 4})
-    tools = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-    with tempfile.TemporaryDirectory() as tmp:
-        cubin = pathlib.Path(tmp) / "kernel.cubin"
-        cubin.write_bytes(compiled.asm["cubin"])
-        sass = subprocess.run([str(tools / "cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True,
-                              check=True).stdout
-        usage = subprocess.run([str(tools / "cuobjdump"), "-res-usage", str(cubin)], capture_output=True, text=True,
-                               check=True).stdout
-    regs = re.search(r"REG:(\d+)", usage)
+    sass, regs = _disassemble(compiled)
     total, loops = parse_sass(sass)
-    return SassReport("prefill-gluon", f"sm_{arch}", 4, NUM_BUF, int(regs.group(1)) if regs else -1,
+    return SassReport("prefill-gluon", f"sm_{arch}", 4, NUM_BUF, regs,
                       int(compiled.metadata.shared), total, loops, constexprs), sass
 
 

@@ -4,7 +4,7 @@
 [--thresholds 4,8,16] [--tiles 64x128,128x128] [--layers all] [--out CSV]` counts, for each
 captured layer (q, k, v as the model's attention received them; `python -m autotune capture`), the
 (Q tile, KV tile) pairs that the prefill kernel visits and those it skips because no row of the tile
-keeps a score above its running maximum minus T (kernels.reference.threshold_tile_skips, which the
+keeps a score above its running maximum minus T (kernels.reference.tile_skip_counts, which the
 kernel's own count matches exactly in tests/test_prefill.py). No GPU is needed; what a skipped tile
 saves in time is measured on a GPU with `python -m autotune bench prefill --data sink`, and what a
 threshold costs in accuracy with `python -m autotune eval-ppl --sweep`.
@@ -57,8 +57,8 @@ def tile_skip_rows(samples, thresholds, tiles, model: str) -> list[dict]:
         for bm, bn in tiles:
             base = KernelConfig(block_m=bm, block_n=bn)
             qkv = reference.quantize_qkv(q, k, v, base, sample.sm_scale)
-            for t in thresholds:
-                skipped, visited = reference.threshold_tile_skips(qkv, sample.causal, base.replace(sparsity_threshold=t))
+            counts = reference.tile_skip_counts(qkv, sample.causal, bm, bn, thresholds)  # one pass over the scores
+            for t, (skipped, visited) in zip(thresholds, counts):
                 rows.append(dict(model=model, layer=sample.layer, n=q.shape[2], block_m=bm, block_n=bn,
                                  sparsity_threshold=t, tiles_visited=visited, tiles_skipped=skipped,
                                  skipped_pct=round(100.0 * skipped / max(visited, 1), 2), **meta))

@@ -45,7 +45,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .sas import int_to_float_exact
+from .sas import MAGIC_F, MAGIC_I, int_to_float_exact
 
 QUANT_NUM_WARPS = 8  # block quantization, one [n_b, D] tile of K or V per program (H100: 8 warps ~10% faster than 4)
 APPEND_NUM_WARPS = 1
@@ -61,8 +61,6 @@ FOLDED_ROWS = 16
 INTERPRETER_SMS = 4  # no GPU: the interpreter runs programs one after another, so fewer is faster
 F16_MAGIC_CODE = tl.constexpr(0x6400)  # bits of fp16 1024.0: (0x6400 | c) is 1024 + c for 0 <= c < 1024
 F16_MAGIC_INT = tl.constexpr(0x6600)  # bits of fp16 1536.0: 0x6600 + x is 1536 + x for -512 <= x < 512
-MAGIC_ROUND = tl.constexpr(12582912.0)  # 1.5 * 2^23: for |y| < 2^22, y + M rounds y to an integer in M's low bits
-MAGIC_ROUND_BITS = tl.constexpr(0x4B400000)  # the fp32 bits of 1.5 * 2^23
 
 
 # ----------------------------------------------------------------------------- heuristics
@@ -392,10 +390,10 @@ def _split_i8(a, inv):
     magic number 1.5 * 2^23 (y + M has y's nearest integer in its low mantissa bits), so no
     float -> int conversion instruction is needed."""
     y = a * inv[:, None]
-    t = y + MAGIC_ROUND
-    hi = t.to(tl.int32, bitcast=True) - MAGIC_ROUND_BITS
-    u = (y - (t - MAGIC_ROUND)) * 254.0 + MAGIC_ROUND
-    lo = u.to(tl.int32, bitcast=True) - MAGIC_ROUND_BITS
+    t = y + MAGIC_F
+    hi = t.to(tl.int32, bitcast=True) - MAGIC_I
+    u = (y - (t - MAGIC_F)) * 254.0 + MAGIC_F
+    lo = u.to(tl.int32, bitcast=True) - MAGIC_I
     return hi.to(tl.int8), lo.to(tl.int8)
 
 

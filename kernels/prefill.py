@@ -51,21 +51,14 @@ _BELOW_ELSE_134 = tl.constexpr("{ .reg .pred p; setp.lt.f32 p, $1, $2; selp.f32 
 
 
 @triton.jit
-def _above_else_neg_inf(x, bound, FAST: tl.constexpr):
-    """x where x > bound (a per-row [BLOCK_M, 1] bound), else -inf."""
+def _keep(x, bound, ABOVE: tl.constexpr, FAST: tl.constexpr):
+    """ABOVE: x where x > bound, else -inf; otherwise x where x < bound, else 134 (bound: [BLOCK_M, 1])."""
     if FAST:
-        return tl.inline_asm_elementwise(_ABOVE_ELSE_NEG_INF, "=f,f,f", [x, tl.broadcast_to(bound, x.shape)],
+        asm: tl.constexpr = _ABOVE_ELSE_NEG_INF if ABOVE else _BELOW_ELSE_134
+        return tl.inline_asm_elementwise(asm, "=f,f,f", [x, tl.broadcast_to(bound, x.shape)],
                                          dtype=tl.float32, is_pure=True, pack=1)
-    else:
+    elif ABOVE:
         return tl.where(x > bound, x, float("-inf"))
-
-
-@triton.jit
-def _below_else_134(x, bound, FAST: tl.constexpr):
-    """x where x < bound (a per-row [BLOCK_M, 1] bound), else 134."""
-    if FAST:
-        return tl.inline_asm_elementwise(_BELOW_ELSE_134, "=f,f,f", [x, tl.broadcast_to(bound, x.shape)],
-                                         dtype=tl.float32, is_pure=True, pack=1)
     else:
         return tl.where(x < bound, x, 134.0)
 
@@ -88,7 +81,7 @@ def _softmax_pv(y, scale, m_tile, m_new, acc, acc_t, l_i, m_i, vt, vt_t, vscale,
         if HAS_THRESHOLD:
             # keep s > m_new - T, i.e. neg < m_ref - (m_new - T)
             drop_at = tl.minimum(m_ref - (m_new - threshold), 134.0)
-            neg = _below_else_134(neg, drop_at[:, None], FAST_EXP)
+            neg = _keep(neg, drop_at[:, None], False, FAST_EXP)
         else:
             neg = tl.minimum(neg, 134.0)
         p = sas_exp2_times_127(neg, FAST_EXP)
@@ -99,7 +92,7 @@ def _softmax_pv(y, scale, m_tile, m_new, acc, acc_t, l_i, m_i, vt, vt_t, vscale,
         if HAS_THRESHOLD:
             # keep s > m_new - T, i.e. x > m_new - T - m_ref + log2 127
             keep_above = m_new - threshold - m_ref + LOG2_P_SCALE
-            x = _above_else_neg_inf(x, keep_above[:, None], FAST_EXP)
+            x = _keep(x, keep_above[:, None], True, FAST_EXP)
         p = _exp2(x, FAST_EXP)
     alpha = tl.exp2(m_i - m_new)
     r = tl.exp2(m_ref - m_new)

@@ -250,17 +250,13 @@ def flashq_attention(qkv: QuantizedQKV, causal: bool, config: KernelConfig) -> t
     vs = v_scales.repeat_interleave(group, dim=1)
     qs_row = q_scales.repeat_interleave(bm, dim=-1)[..., :nq]  # [B, Hq, Nq]
 
-    rows = torch.arange(nq, device=device)[:, None]
+    rows = torch.arange(nq, device=device)
     m_i = torch.full((b, hq, nq), float("-inf"), device=device)
     l_i = torch.zeros((b, hq, nq), device=device)
     acc = torch.zeros((b, hq, nq, d), device=device)
     for j, start in enumerate(range(0, nk, bn)):
         stop = min(start + bn, nk)
-        cols = torch.arange(start, stop, device=device)[None, :]
-        s_int = torch.matmul(qc, kc[:, :, start:stop].transpose(-1, -2)).float()
-        s = s_int * (qs_row * ks[:, :, j, None])[..., None]
-        if causal:
-            s = s.masked_fill(~(cols <= rows + (nk - nq)), float("-inf"))
+        s = _tile_scores(qc, qs_row, kc, ks, j, start, stop, rows, causal, nk - nq)
         m_tile = s.amax(dim=-1)
         m_new = torch.maximum(m_i, m_tile)
         m_ref = torch.maximum(m_tile, m_new - REF_MAX_CLAMP) if config.p_scale == "row" else m_new
@@ -281,42 +277,62 @@ def flashq_attention(qkv: QuantizedQKV, causal: bool, config: KernelConfig) -> t
     return torch.where((l_i > 0)[..., None], out, torch.zeros_like(out))
 
 
+def _tile_scores(qc, qs_row, kc, ks, j: int, start: int, stop: int, rows, causal: bool, offset: int):
+    """Scores of query rows `rows` (qc their codes in fp64, qs_row their Q-tile scales) against KV tile
+    j, keys [start, stop) (kc, ks repeated over the query heads); causal: key <= row + offset, else -inf."""
+    s = torch.matmul(qc, kc[:, :, start:stop].transpose(-1, -2)).float() * (qs_row * ks[:, :, j, None])[..., None]
+    if causal:
+        cols = torch.arange(start, stop, device=s.device)
+        s = s.masked_fill(cols[None, :] > rows[:, None] + offset, float("-inf"))
+    return s
+
+
+def tile_row_maxima(qkv: QuantizedQKV, causal: bool, block_m: int, block_n: int):
+    """In the prefill kernel's visiting order, for each Q tile of block_m rows the KV tiles of block_n
+    keys up to the diagonal (all of them when not causal), yield (m_tile, m_new): each real row's tile
+    maximum and running maximum including the tile, [B, Hq, rows] (Nq = Nk; scores as in
+    `flashq_attention`)."""
+    b, hq, nq, d = qkv.q_codes.shape
+    group = hq // qkv.k_codes.shape[1]
+    device = qkv.q_codes.device
+    qs = qkv.q_scales.repeat_interleave(block_m, dim=-1)[..., :nq]
+    kc = qkv.k_codes.double().repeat_interleave(group, dim=1)
+    ks = qkv.k_scales.repeat_interleave(group, dim=1)
+    for i0 in range(0, nq, block_m):
+        rows = torch.arange(i0, min(i0 + block_m, nq), device=device)
+        q_tile = qkv.q_codes[:, :, rows].double()
+        m_i = torch.full((b, hq, rows.numel()), float("-inf"), device=device)
+        hi = min(i0 + block_m, nq) if causal else nq
+        for j, start in enumerate(range(0, hi, block_n)):
+            s = _tile_scores(q_tile, qs[:, :, rows], kc, ks, j, start, min(start + block_n, nq), rows, causal, 0)
+            m_tile = s.amax(-1)
+            m_new = torch.maximum(m_i, m_tile)
+            yield m_tile, m_new
+            m_i = m_new
+
+
 def threshold_tile_skips(qkv: QuantizedQKV, causal: bool, config: KernelConfig) -> tuple[int, int]:
     """(skipped, visited) KV tiles of the prefill kernel with config's sparsity threshold T.
 
-    The kernel visits, per Q tile of block_m rows and (batch, query head), the KV tiles of block_n
-    keys up to the diagonal (all of them when not causal), in order, and skips a tile in which no
-    row has a score above m_new - T (m_new: the row's running maximum including the tile; the tile
-    maximum decides, so the skip is exact). Scores as in `flashq_attention` (same Nq = Nk; the
-    kernel's own fp32 rounding can move a score that lies within ~1e-6 of the boundary). 0 skipped
-    without a threshold.
+    Over `tile_row_maxima`'s tiles, per (batch, query head), the kernel skips a tile in which no row
+    has a score above m_new - T (the tile maximum decides, so the skip is exact; the kernel's own
+    fp32 rounding can move a score that lies within ~1e-6 of the boundary). 0 skipped without a
+    threshold.
     """
-    b, hq, nq, d = qkv.q_codes.shape
-    group = hq // qkv.k_codes.shape[1]
-    bm, bn, t = config.block_m, config.block_n, config.sparsity_threshold
-    device = qkv.q_codes.device
-    qs = qkv.q_scales.repeat_interleave(bm, dim=-1)[..., :nq]
-    kc = qkv.k_codes.double().repeat_interleave(group, dim=1)
-    ks = qkv.k_scales.repeat_interleave(group, dim=1)
-    skipped = visited = 0
-    for i0 in range(0, nq, bm):
-        rows = torch.arange(i0, min(i0 + bm, nq), device=device)
-        q_tile = qkv.q_codes[:, :, rows].double()
-        m_i = torch.full((b, hq, rows.numel()), float("-inf"), device=device)
-        hi = min(i0 + bm, nq) if causal else nq
-        for j, start in enumerate(range(0, hi, bn)):
-            cols = torch.arange(start, min(start + bn, nq), device=device)
-            s = torch.matmul(q_tile, kc[:, :, cols].transpose(-1, -2)).float()
-            s = s * (qs[:, :, rows] * ks[:, :, j, None])[..., None]
-            if causal:
-                s = s.masked_fill(cols[None, :] > rows[:, None], float("-inf"))
-            m_tile = s.amax(-1)
-            m_new = torch.maximum(m_i, m_tile)
-            visited += b * hq
+    return tile_skip_counts(qkv, causal, config.block_m, config.block_n, [config.sparsity_threshold])[0]
+
+
+def tile_skip_counts(qkv: QuantizedQKV, causal: bool, block_m: int, block_n: int,
+                     thresholds) -> list[tuple[int, int]]:
+    """`threshold_tile_skips` for several thresholds (None: no threshold) from one pass over the scores."""
+    b, hq = qkv.q_codes.shape[:2]
+    skipped, visited = [0] * len(thresholds), 0
+    for m_tile, m_new in tile_row_maxima(qkv, causal, block_m, block_n):
+        visited += b * hq
+        for i, t in enumerate(thresholds):
             if t is not None:
-                skipped += int((m_tile <= m_new - t).all(dim=-1).sum())
-            m_i = m_new
-    return skipped, visited
+                skipped[i] += int((m_tile <= m_new - t).all(dim=-1).sum())
+    return [(n, visited) for n in skipped]
 
 
 def turbo_attention_reference(q, k, v, causal: bool = True, config: KernelConfig | None = None, sm_scale: float | None = None) -> torch.Tensor:
