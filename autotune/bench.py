@@ -166,7 +166,7 @@ def bench_prefill(models, ns, tokens: int, causal: bool, out_dir: pathlib.Path, 
     from kernels.loader import load_config
     from kernels.prefill import launch_flashq, turbo_attention
     from kernels.prefill_gluon import check_gluon_config, turbo_attention_gluon
-    from kernels.quant import quantize_kv_tiles
+    from kernels.quant import quantize_kv_for
 
     if not torch.cuda.is_available():
         raise SystemExit("bench prefill needs a CUDA GPU (timings are measured, never predicted here)")
@@ -186,13 +186,13 @@ def bench_prefill(models, ns, tokens: int, causal: bool, out_dir: pathlib.Path, 
             ref = exact_reference(q, k, v, causal)
             flops = 4.0 * batch * hq * n * n * d / (2.0 if causal else 1.0)
             scale = 1.0 / math.sqrt(d)
-            tiles = quantize_kv_tiles(q, k, v, config.block_n, scale, config.smooth_k, config.balance)
+            tiles = quantize_kv_for(q, k, v, config, scale)
             skipped_pct = tiles_skipped_pct(q, tiles, causal, config, scale)
             out = torch.empty_like(q)
             fns = {
                 "turbo": (lambda: turbo_attention(q, k, v, causal=causal, config=config), False),
                 "turbo_kernel": (lambda: launch_flashq(q, tiles, out, causal, config, scale), False),
-                "turbo_quant": (lambda: quantize_kv_tiles(q, k, v, config.block_n, scale, config.smooth_k, config.balance), False),
+                "turbo_quant": (lambda: quantize_kv_for(q, k, v, config, scale), False),
             }
             try:  # the experimental kernel: a failure to compile or launch costs its row, not the run
                 check_gluon_config(config, d)
@@ -252,7 +252,8 @@ def config_label(config) -> str:
     return (f"bm{config.block_m}-bn{config.block_n}-w{config.num_warps}-s{config.num_stages}-"
             f"{'sas' if config.use_sas else 'exp2'}-p{config.p_scale}-t{thr}"
             f"{'-smooth-' + config.balance if config.smooth_k else ''}"
-            f"{'' if config.max_registers is None else f'-r{config.max_registers}'}")
+            f"{'' if config.max_registers is None else f'-r{config.max_registers}'}"
+            f"{'' if config.compute_format == 'int8' else '-' + config.compute_format}")
 
 
 def write_rows(path: pathlib.Path, rows: list[dict], columns: list[str]) -> None:
@@ -404,11 +405,11 @@ def quant_parts(model: str, n: int, tokens: int, config) -> None:
     q, k, v = reference.outlier_qkv(batch, hq, hkv, n, d, dtype=torch.float16, device="cuda", seed=n)
     dp = quant.padded_head_dim(d)
     scale = d ** -0.5
-    kv = quant.quantize_kv_tiles(q, k, v, config.block_n, scale, config.smooth_k, config.balance)
+    kv = quant.quantize_kv_for(q, k, v, config, scale)
     out = torch.empty_like(q)
     parts = {
         "smoothing_vectors": lambda: quant.smoothing_vectors(q, k, scale * reference.LOG2E, dp),
-        "quantize_kv_tiles": lambda: quant.quantize_kv_tiles(q, k, v, config.block_n, scale, config.smooth_k, config.balance),
+        "quantize_kv_tiles": lambda: quant.quantize_kv_for(q, k, v, config, scale),
         "attention_kernel": lambda: launch_flashq(q, kv, out, True, config, scale),
         "torch_copy_q": lambda: q.clone(),
     }

@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 KERNELS = ("prefill", "decode")
 TORCH_TO_TRITON = {"float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32", "float64": "*fp64", "int8": "*i8",
-                   "uint8": "*u8", "int16": "*i16", "int32": "*i32", "int64": "*i64"}
+                   "uint8": "*u8", "int16": "*i16", "int32": "*i32", "int64": "*i64", "float8_e4m3fn": "*fp8e4nv"}
 LOOP_MIN_INSTRUCTIONS = 50  # shorter backward branches are address arithmetic, not the kernel's loops
 _INSTR = re.compile(r"^\s+/\*([0-9a-f]{4,6})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
 _BRANCH = re.compile(r"^\s+/\*([0-9a-f]{4,6})\*/\s+(?:@!?U?P\w+\s+)?BRA\b.*?0x([0-9a-f]+)")
@@ -94,13 +94,13 @@ def _capture(kernel: str, config_changes: dict, model: tuple[int, int, int], cau
 
     if kernel == "prefill":
         import kernels.prefill as P
-        from kernels.quant import quantize_kv_tiles
+        from kernels.quant import quantize_kv_for
 
         target = P._flashq_fwd_kernel
         P._flashq_fwd_kernel = Recorder("main")
         try:
             q, k, v = reference.outlier_qkv(1, hq, hkv, 2 * config.block_n, d)
-            kv = quantize_kv_tiles(q, k, v, config.block_n, d ** -0.5, config.smooth_k, config.balance)
+            kv = quantize_kv_for(q, k, v, config, d ** -0.5)
             P.launch_flashq(q, kv, torch.empty_like(q), causal, config, d ** -0.5)
         finally:
             P._flashq_fwd_kernel = target
@@ -164,6 +164,8 @@ def _disassemble(compiled) -> tuple[str, int]:
         sass = subprocess.run([tool, "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
         usage = subprocess.run([tool, "-res-usage", str(cubin)], capture_output=True, text=True, check=True).stdout
     regs = re.search(r"REG:(\d+)", usage)
+    if os.environ.get("TURBO_SASS_DUMP"):  # keep the listing, to read a loop's schedule by eye
+        pathlib.Path(os.environ["TURBO_SASS_DUMP"]).write_text(sass)
     return sass, int(regs.group(1)) if regs else -1
 
 

@@ -24,9 +24,9 @@ import triton.language as tl
 
 from .checks import check_bool, check_config, check_kernel_device, check_qkv, check_sm_scale
 from .config import REF_MAX_CLAMP, KernelConfig
-from .quant import QuantizedKV, quantize_kv_tiles
+from .quant import QuantizedKV, quantize_kv_for
 from .reference import LOG2E
-from .sas import MAGIC_F, MAGIC_I, round_to_uint7, sas_exp2_times_127
+from .sas import MAGIC_F, MAGIC_I, round_to_uint7, sas_exp2_times_127, to_e4m3
 
 LOG2_127 = math.log2(127.0)
 PREFILL_HEAD_DIMS = (16, 32, 64, 80, 96, 128)
@@ -64,11 +64,50 @@ def _keep(x, bound, ABOVE: tl.constexpr, FAST: tl.constexpr):
 
 
 @triton.jit
-def _softmax_pv(y, scale, m_tile, m_new, acc, acc_t, l_i, m_i, vt, vt_t, vscale, threshold,
+def _fold_columns(x, IS_MAX: tl.constexpr):
+    """x [M, N] -> [M, N / 2]: the max (or sum) of columns c and c + N / 2."""
+    M: tl.constexpr = x.shape[0]
+    N: tl.constexpr = x.shape[1]
+    a, b = tl.split(tl.permute(tl.reshape(x, [M, 2, N // 2]), (0, 2, 1)))
+    if IS_MAX:
+        return tl.maximum(a, b)
+    else:
+        return a + b
+
+
+@triton.jit
+def _row_reduce(x, IS_MAX: tl.constexpr):
+    """Row max (or sum) of x [M, N], as a tree: the columns fold in halves first (in registers: on
+    sm_90 a thread of the tensor-core layout holds columns c and c + N / 2 down to 8 apart), so
+    the dependent chain is ~log2(N) steps deep instead of N / 4 (a plain tl.max / tl.sum walks a
+    thread's values one after another, 4+ cycles each, and a tile waited on two such chains)."""
+    N: tl.constexpr = x.shape[1]
+    if N >= 16:
+        x = _fold_columns(x, IS_MAX)
+    if N >= 32:
+        x = _fold_columns(x, IS_MAX)
+    if N >= 64:
+        x = _fold_columns(x, IS_MAX)
+    if N >= 128:
+        x = _fold_columns(x, IS_MAX)
+    if N >= 256:
+        x = _fold_columns(x, IS_MAX)
+    if IS_MAX:
+        return tl.max(x, 1)
+    else:
+        return tl.sum(x, 1)
+
+
+@triton.jit
+def _softmax_pv(y, scale, m_tile, m_new, acc, acc_t, acc_c, l_i, m_i, vt, vt_t, vscale, threshold,
                 HAS_TAIL: tl.constexpr, USE_SAS: tl.constexpr, HAS_THRESHOLD: tl.constexpr, P_ROW: tl.constexpr,
-                REF_CLAMP: tl.constexpr, LOG2_P_SCALE: tl.constexpr, FAST_EXP: tl.constexpr):
+                REF_CLAMP: tl.constexpr, LOG2_P_SCALE: tl.constexpr, FAST_EXP: tl.constexpr, FP8_PV: tl.constexpr):
     """One tile's online-softmax update from its scores y (MAGIC_F + s_int, -inf where masked) and its
-    INT8 PV product (module docstring): returns acc, acc_t, l_i."""
+    INT8 (or FP8) PV product (module docstring): returns acc, acc_t, acc_c, l_i.
+
+    FP8_PV: acc holds the output in units of acc_c per row (the last tile's r * s_v), so a tile
+    costs one FMA per element: acc * (alpha * acc_c / coef) + P8 V8, with P8 V8 an fp32 product
+    that needs no conversion. INT8: acc_c stays 1."""
     if P_ROW:
         m_ref = tl.maximum(m_tile, m_new - REF_CLAMP)
     else:
@@ -96,28 +135,38 @@ def _softmax_pv(y, scale, m_tile, m_new, acc, acc_t, l_i, m_i, vt, vt_t, vscale,
         p = _exp2(x, FAST_EXP)
     alpha = tl.exp2(m_i - m_new)
     r = tl.exp2(m_ref - m_new)
-    l_i = l_i * alpha + r * tl.sum(p, 1)
-    p8 = round_to_uint7(p)
+    l_i = l_i * alpha + r * _row_reduce(p, False)
     coef = r * vscale
-    pv = tl.dot(p8, vt, out_dtype=tl.int32)
-    # acc * alpha + pv * coef with pv read as MAGIC_F + pv (exact: |pv| <= 127 * 127 * 256 < 2^22):
-    # (acc * alpha - MAGIC_F * coef) + y * coef, two FMAs and an integer add per element, no I2F.
-    # The offset cancels to within ~1 unit of coef per tile, far under P's own rounding.
-    magic_coef = coef[:, None] * MAGIC_F
-    acc = (acc * alpha[:, None] - magic_coef) + (pv + MAGIC_I).to(tl.float32, bitcast=True) * coef[:, None]
-    if HAS_TAIL:
-        pv_t = tl.dot(p8, vt_t, out_dtype=tl.int32)
-        acc_t = (acc_t * alpha[:, None] - magic_coef) + (pv_t + MAGIC_I).to(tl.float32, bitcast=True) * coef[:, None]
-    return acc, acc_t, l_i
+    if FP8_PV:
+        # the product starts from zero and the running sum stays on the FMA pipe in fp32 (Hopper's
+        # FP8 tensor cores accumulate with fewer mantissa bits than fp32); vscale > 0 always
+        p8 = to_e4m3(p, FAST_EXP)
+        factor = (alpha * acc_c / coef)[:, None]
+        acc = acc * factor + tl.dot(p8, vt)
+        if HAS_TAIL:
+            acc_t = acc_t * factor + tl.dot(p8, vt_t)
+        acc_c = coef
+    else:
+        p8 = round_to_uint7(p)
+        pv = tl.dot(p8, vt, out_dtype=tl.int32)
+        # acc * alpha + pv * coef with pv read as MAGIC_F + pv (exact: |pv| <= 127 * 127 * 256 < 2^22):
+        # (acc * alpha - MAGIC_F * coef) + y * coef, two FMAs and an integer add per element, no I2F.
+        # The offset cancels to within ~1 unit of coef per tile, far under P's own rounding.
+        magic_coef = coef[:, None] * MAGIC_F
+        acc = (acc * alpha[:, None] - magic_coef) + (pv + MAGIC_I).to(tl.float32, bitcast=True) * coef[:, None]
+        if HAS_TAIL:
+            pv_t = tl.dot(p8, vt_t, out_dtype=tl.int32)
+            acc_t = (acc_t * alpha[:, None] - magic_coef) + (pv_t + MAGIC_I).to(tl.float32, bitcast=True) * coef[:, None]
+    return acc, acc_t, acc_c, l_i
 
 
 @triton.jit
-def _flashq_tiles(acc, acc_t, l_i, m_i, skipped, q, q_t, q_scale, K_base, VT_base, KS_base, VS_base, lo, hi, nk,
-                  nk_pad, offs_m, offs_n, offs_d, offs_dt, threshold, real_row,
+def _flashq_tiles(acc, acc_t, acc_c, l_i, m_i, skipped, q, q_t, q_scale, K_base, VT_base, KS_base, VS_base, lo, hi,
+                  nk, nk_pad, offs_m, offs_n, offs_d, offs_dt, threshold, real_row,
                   BLOCK_N: tl.constexpr, DP: tl.constexpr, DH: tl.constexpr, DT: tl.constexpr,
                   HAS_TAIL: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                   USE_SAS: tl.constexpr, HAS_THRESHOLD: tl.constexpr, P_ROW: tl.constexpr,
-                  REF_CLAMP: tl.constexpr, LOG2_P_SCALE: tl.constexpr, FAST_EXP: tl.constexpr):
+                  REF_CLAMP: tl.constexpr, LOG2_P_SCALE: tl.constexpr, FAST_EXP: tl.constexpr, FP8_PV: tl.constexpr):
     """KV tiles [lo, hi) of one Q tile; MASKED applies the causal diagonal and the N bound.
 
     The head dim is DH (a power of two) plus, when HAS_TAIL, DT more channels at offset DH
@@ -144,7 +193,7 @@ def _flashq_tiles(acc, acc_t, l_i, m_i, skipped, q, q_t, q_scale, K_base, VT_bas
             if CAUSAL:
                 valid = valid & (cols[None, :] <= offs_m[:, None])
             y = tl.where(valid, y, float("-inf"))
-        m_tile = (tl.max(y, 1) - MAGIC_F) * scale
+        m_tile = (_row_reduce(y, True) - MAGIC_F) * scale
         m_new = tl.maximum(m_i, m_tile)
         # V is loaded before the skip branch: the loop's pipelining issues it ahead either way
         vt = tl.load(VT_base + offs_d[None, :] * nk_pad + cols[:, None])  # [BLOCK_N, DH], tokens contiguous
@@ -156,17 +205,17 @@ def _flashq_tiles(acc, acc_t, l_i, m_i, skipped, q, q_t, q_scale, K_base, VT_bas
         if HAS_THRESHOLD:
             live = tl.max(((m_tile > m_new - threshold) & real_row).to(tl.int32), 0)
             if live > 0:
-                acc, acc_t, l_i = _softmax_pv(y, scale, m_tile, m_new, acc, acc_t, l_i, m_i, vt, vt_t, vscale,
-                                              threshold, HAS_TAIL, USE_SAS, HAS_THRESHOLD, P_ROW, REF_CLAMP,
-                                              LOG2_P_SCALE, FAST_EXP)
+                acc, acc_t, acc_c, l_i = _softmax_pv(y, scale, m_tile, m_new, acc, acc_t, acc_c, l_i, m_i, vt, vt_t,
+                                                     vscale, threshold, HAS_TAIL, USE_SAS, HAS_THRESHOLD, P_ROW,
+                                                     REF_CLAMP, LOG2_P_SCALE, FAST_EXP, FP8_PV)
                 m_i = m_new
             skipped += 1 - live
         else:
-            acc, acc_t, l_i = _softmax_pv(y, scale, m_tile, m_new, acc, acc_t, l_i, m_i, vt, vt_t, vscale,
-                                          threshold, HAS_TAIL, USE_SAS, HAS_THRESHOLD, P_ROW, REF_CLAMP,
-                                          LOG2_P_SCALE, FAST_EXP)
+            acc, acc_t, acc_c, l_i = _softmax_pv(y, scale, m_tile, m_new, acc, acc_t, acc_c, l_i, m_i, vt, vt_t,
+                                                 vscale, threshold, HAS_TAIL, USE_SAS, HAS_THRESHOLD, P_ROW,
+                                                 REF_CLAMP, LOG2_P_SCALE, FAST_EXP, FP8_PV)
             m_i = m_new
-    return acc, acc_t, l_i, m_i, skipped
+    return acc, acc_t, acc_c, l_i, m_i, skipped
 
 
 @triton.jit
@@ -177,7 +226,7 @@ def _flashq_fwd_kernel(Qx, QS, KC, VT, KS, VS, SMOOTH, Out, SKIPS,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QUANT_Q: tl.constexpr, SMOOTH_K: tl.constexpr,
                        CAUSAL: tl.constexpr, USE_SAS: tl.constexpr, HAS_THRESHOLD: tl.constexpr,
                        P_ROW: tl.constexpr, REF_CLAMP: tl.constexpr, LOG2_P_SCALE: tl.constexpr,
-                       FAST_EXP: tl.constexpr, COUNT_SKIPS: tl.constexpr):
+                       FAST_EXP: tl.constexpr, COUNT_SKIPS: tl.constexpr, FP8_PV: tl.constexpr):
     """One Q tile of BLOCK_M rows for one (batch, query head); see the module docstring.
 
     COUNT_SKIPS: SKIPS (int64 [2]) += (KV tiles skipped by the threshold, KV tiles visited).
@@ -244,6 +293,7 @@ def _flashq_fwd_kernel(Qx, QS, KC, VT, KS, VS, SMOOTH, Out, SKIPS,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, DH], dtype=tl.float32)
     acc_t = tl.zeros([BLOCK_M, DT], dtype=tl.float32)
+    acc_c = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
     full_end = (NK // BLOCK_N) * BLOCK_N
     if CAUSAL:
         # tiles whose every column is <= the tile's first row need no mask
@@ -253,18 +303,18 @@ def _flashq_fwd_kernel(Qx, QS, KC, VT, KS, VS, SMOOTH, Out, SKIPS,
         free_end = full_end
         hi = NK
     skipped = tl.full([], 0, dtype=tl.int32)
-    acc, acc_t, l_i, m_i, skipped = _flashq_tiles(
-        acc, acc_t, l_i, m_i, skipped, q, q_t, q_scale, K_base, VT_base, KS_base, VS_base, 0, free_end, NK, NK_PAD,
+    acc, acc_t, acc_c, l_i, m_i, skipped = _flashq_tiles(
+        acc, acc_t, acc_c, l_i, m_i, skipped, q, q_t, q_scale, K_base, VT_base, KS_base, VS_base, 0, free_end, NK, NK_PAD,
         offs_m, offs_n, offs_d, offs_dt, threshold, offs_m < NQ, BLOCK_N, DP, DH, DT, HAS_TAIL, False, CAUSAL,
-        USE_SAS, HAS_THRESHOLD, P_ROW, REF_CLAMP, LOG2_P_SCALE, FAST_EXP)
-    acc, acc_t, l_i, m_i, skipped = _flashq_tiles(
-        acc, acc_t, l_i, m_i, skipped, q, q_t, q_scale, K_base, VT_base, KS_base, VS_base, free_end, hi, NK, NK_PAD,
+        USE_SAS, HAS_THRESHOLD, P_ROW, REF_CLAMP, LOG2_P_SCALE, FAST_EXP, FP8_PV)
+    acc, acc_t, acc_c, l_i, m_i, skipped = _flashq_tiles(
+        acc, acc_t, acc_c, l_i, m_i, skipped, q, q_t, q_scale, K_base, VT_base, KS_base, VS_base, free_end, hi, NK, NK_PAD,
         offs_m, offs_n, offs_d, offs_dt, threshold, offs_m < NQ, BLOCK_N, DP, DH, DT, HAS_TAIL, True, CAUSAL,
-        USE_SAS, HAS_THRESHOLD, P_ROW, REF_CLAMP, LOG2_P_SCALE, FAST_EXP)
+        USE_SAS, HAS_THRESHOLD, P_ROW, REF_CLAMP, LOG2_P_SCALE, FAST_EXP, FP8_PV)
     if COUNT_SKIPS:
         tl.atomic_add(SKIPS, skipped.to(tl.int64))
         tl.atomic_add(SKIPS + 1, (free_end // BLOCK_N + tl.cdiv(hi - free_end, BLOCK_N)).to(tl.int64))
-    inv_l = 1.0 / l_i
+    inv_l = acc_c / l_i
     o_ptrs = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_on
     row_ok = offs_m[:, None] < NQ
     tl.store(o_ptrs + offs_d[None, :], (acc * inv_l[:, None]).to(Out.dtype.element_ty),
@@ -286,6 +336,18 @@ def head_dim_split(d: int) -> tuple[int, int]:
     return dh, max(32, triton.next_power_of_2(d - dh))
 
 
+def check_gpu_tiles(config: KernelConfig, d: int, device: torch.device) -> None:
+    """On a GPU, 8-bit tensor-core products reduce over at least 32 elements: the PV product's
+    reduction is block_n and QK^T's the head dim (the interpreter has no such limit)."""
+    if device.type != "cuda":
+        return
+    if config.block_n < 32:
+        raise ValueError(f"config.block_n must be >= 32 on a GPU (the 8-bit PV product reduces over block_n "
+                         f"and needs at least 32), got {config.block_n}")
+    if d < 32:
+        raise ValueError(f"head_dim must be >= 32 on a GPU (the 8-bit QK^T product reduces over it), got {d}")
+
+
 def launch_flashq(q, kv: QuantizedKV, out: torch.Tensor, causal: bool, config: KernelConfig, sm_scale: float,
                   q_scales: torch.Tensor | None = None, skips: torch.Tensor | None = None) -> torch.Tensor:
     """Launch the attention kernel; writes `out` [B, Hq, Nq, D].
@@ -301,7 +363,12 @@ def launch_flashq(q, kv: QuantizedKV, out: torch.Tensor, causal: bool, config: K
     n_k_tiles = kv.k_scales.shape[-1]
     threshold = config.sparsity_threshold
     dh, dt = head_dim_split(d)
+    check_gpu_tiles(config, d, out.device)
     quant_q = q_scales is None
+    fp8_pv = config.compute_format == "fp8_pv"
+    if fp8_pv != (kv.vt_codes.dtype == torch.float8_e4m3fn):
+        raise ValueError(f"config.compute_format={config.compute_format!r} needs V quantized to match "
+                         f"(quantize_kv_tiles(..., v_fp8={fp8_pv})), got V codes of {kv.vt_codes.dtype}")
     # the register cap is a compiler option: the interpreter has no registers to cap
     options = dict(maxnreg=config.max_registers) if config.max_registers is not None and out.is_cuda else {}
     _flashq_fwd_kernel[(n_q_tiles, b * hq)](
@@ -313,7 +380,7 @@ def launch_flashq(q, kv: QuantizedKV, out: torch.Tensor, causal: bool, config: K
         D=d, DP=kv.head_dim_padded, DH=dh, DT=dt, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         QUANT_Q=quant_q, SMOOTH_K=kv.smooth is not None, CAUSAL=causal, USE_SAS=config.use_sas,
         HAS_THRESHOLD=threshold is not None, P_ROW=config.p_scale == "row", REF_CLAMP=REF_MAX_CLAMP,
-        LOG2_P_SCALE=LOG2_127, FAST_EXP=out.device.type == "cuda", COUNT_SKIPS=skips is not None,
+        LOG2_P_SCALE=LOG2_127, FAST_EXP=out.device.type == "cuda", COUNT_SKIPS=skips is not None, FP8_PV=fp8_pv,
         num_warps=config.num_warps, num_stages=config.num_stages, **options,
     )
     return out
@@ -362,6 +429,6 @@ def turbo_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
 
         config = load_config(head_dim=d, seq_len=nq)
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
-    kv = quantize_kv_tiles(q, k, v, config.block_n, scale, config.smooth_k, config.balance, kv_cache=kv_cache)
+    kv = quantize_kv_for(q, k, v, config, scale, kv_cache=kv_cache)
     out = torch.empty((b, hq, nq, d), device=q.device, dtype=q.dtype)
     return launch_flashq(q, kv, out, causal, config, scale)

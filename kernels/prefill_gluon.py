@@ -225,6 +225,8 @@ def check_gluon_config(config: KernelConfig, d: int) -> None:
     if config.use_sas or config.sparsity_threshold is not None:
         raise ValueError("the Gluon prefill kernel computes exp2 without a threshold: use_sas=False, "
                          "sparsity_threshold=None")
+    if config.compute_format != "int8":
+        raise ValueError(f"the Gluon prefill kernel runs compute_format='int8' only, got {config.compute_format!r}")
 
 
 def launch_flashq_gluon(q: torch.Tensor, kv: QuantizedKV, out: torch.Tensor, causal: bool, config: KernelConfig,

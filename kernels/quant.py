@@ -30,6 +30,7 @@ import triton.language as tl
 from .decode import QUANT_NUM_WARPS as CACHE_QUANT_NUM_WARPS
 from .decode import _buffer_rows, _pool_block
 from .reference import LOG2E
+from .sas import E4M3_MAX, to_e4m3
 
 STATS_CHUNK = 256  # rows per program of the statistics pass
 STATS_SUB = 64  # rows per load inside it (Q: one fp32 running-max tile of this many rows)
@@ -260,14 +261,25 @@ def _quantize_rows(x, mask):
 
 
 @triton.jit
+def _quantize_rows_e4m3(x, mask, FAST: tl.constexpr):
+    """FP8 e4m3 of a masked tile: (codes, scale = amax / 448, or 1 for a tile of zeros)."""
+    x = tl.where(mask, x, 0.0)
+    amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
+    inv = tl.where(amax > 0, E4M3_MAX / amax, 0.0)
+    return to_e4m3(tl.minimum(tl.maximum(x * inv, -E4M3_MAX), E4M3_MAX), FAST), tl.where(amax > 0, amax / E4M3_MAX, 1.0)
+
+
+@triton.jit
 def _quantize_kv_kernel(Kx, Vx, KC, VT, KS, VS, SMOOTH, stride_kb, stride_kh, stride_kn,
                         stride_vb, stride_vh, stride_vn, HKV, N, N_PAD, n_tiles,
                         C_LEN, C_MEAN, C_BITS, C_SLOT, KC4, KSC4, KZ4, VC4, VSC4, VZ4, KC2, KSC2, KZ2, VC2, VSC2, VZ2,
                         C_KS1, C_VS1, C_KBUF, C_VBUF, C_H4, C_H2, C_NBLK,
                         BLOCK: tl.constexpr, DP: tl.constexpr, D: tl.constexpr, SMOOTH_K: tl.constexpr,
                         CACHE: tl.constexpr, C_NB: tl.constexpr, C_NBP: tl.constexpr, C_VG: tl.constexpr,
-                        C_NG: tl.constexpr, C_HAS_MEAN: tl.constexpr):
+                        C_NG: tl.constexpr, C_HAS_MEAN: tl.constexpr, V_FP8: tl.constexpr, FAST: tl.constexpr):
     """Program (tile, batch x KV head): K tile -> rows of codes, V tile -> transposed codes, two scales.
+
+    V_FP8: V's codes are float8 e4m3 (compute_format "fp8_pv"); FAST: the GPU's fp8 conversion.
 
     CACHE: programs n_tiles + 2 j (K) and n_tiles + 2 j + 1 (V) store block j of the prompt into a
     TurboKVCache (kernels/decode.py's format): a whole block of C_NB tokens goes to the head's 4- or
@@ -295,7 +307,10 @@ def _quantize_kv_kernel(Kx, Vx, KC, VT, KS, VS, SMOOTH, stride_kb, stride_kh, st
         tl.store(KC + out + offs_n[:, None] * DP + offs_d[None, :], k_codes)
         tl.store(KS + pid_bh.to(tl.int64) * n_tiles + pid_t, k_scale)
         v = tl.load(v_head + rows * stride_vn + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-        v_codes, v_scale = _quantize_rows(v, mask)
+        if V_FP8:
+            v_codes, v_scale = _quantize_rows_e4m3(v, mask, FAST)
+        else:
+            v_codes, v_scale = _quantize_rows(v, mask)
         tl.store(VT + out + offs_d[None, :] * N_PAD + offs_n[:, None], v_codes)
         tl.store(VS + pid_bh.to(tl.int64) * n_tiles + pid_t, v_scale)
     if CACHE:
@@ -433,13 +448,14 @@ def smoothing_vectors(q: torch.Tensor, k: torch.Tensor, fold: float, dp: int, ba
 
 
 def quantize_kv_tiles(q, k, v, block_n: int, sm_scale: float, smooth: bool, balance: str = "qk",
-                      kv_cache=None) -> QuantizedKV:
+                      kv_cache=None, v_fp8: bool = False) -> QuantizedKV:
     """BPQ stage 1 of k and v (validated by the caller) into the attention kernel's layouts.
 
     q is read only for the smoothing statistics (when `smooth`); the attention kernel quantizes
     Q itself with the returned smoothing vectors. kv_cache: a TurboKVCache (geometry checked by
     the caller) that receives the prompt k, v as `kv_cache.prefill(k, v)` would store it, from
-    the same statistics pass and the same pass over K and V.
+    the same statistics pass and the same pass over K and V. v_fp8: V's tiles as float8 e4m3
+    codes (scale max|v| / 448) for the FP8 PV product (compute_format "fp8_pv"), else INT8.
     """
     b, hkv, nk, d = k.shape
     dp = padded_head_dim(d)
@@ -459,7 +475,7 @@ def quantize_kv_tiles(q, k, v, block_n: int, sm_scale: float, smooth: bool, bala
     n_tiles = triton.cdiv(nk, block_n)
     n_pad = n_tiles * block_n
     k_codes = torch.empty((b, hkv, n_pad, dp), device=k.device, dtype=torch.int8)
-    vt_codes = torch.empty((b, hkv, dp, n_pad), device=k.device, dtype=torch.int8)
+    vt_codes = torch.empty((b, hkv, dp, n_pad), device=k.device, dtype=torch.float8_e4m3fn if v_fp8 else torch.int8)
     k_scales = torch.empty((b, hkv, n_tiles), device=k.device, dtype=torch.float32)
     v_scales = torch.empty((b, hkv, n_tiles), device=k.device, dtype=torch.float32)
     if kv_cache is not None:
@@ -475,5 +491,12 @@ def quantize_kv_tiles(q, k, v, block_n: int, sm_scale: float, smooth: bool, bala
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), hkv, nk, n_pad, n_tiles,
         *state, h4, h2, nblk,
         BLOCK=block_n, DP=dp, D=d, SMOOTH_K=smooth, CACHE=kv_cache is not None, **cache_const,
+        V_FP8=v_fp8, FAST=k.device.type == "cuda",
         num_warps=QUANT_NUM_WARPS if kv_cache is None else CACHE_QUANT_NUM_WARPS)
     return QuantizedKV(k_codes, k_scales, vt_codes, v_scales, vectors, dp, nk)
+
+
+def quantize_kv_for(q, k, v, config, sm_scale: float, kv_cache=None) -> QuantizedKV:
+    """`quantize_kv_tiles` with a KernelConfig's tile, smoothing and V format (the prefill's pass)."""
+    return quantize_kv_tiles(q, k, v, config.block_n, sm_scale, config.smooth_k, config.balance, kv_cache=kv_cache,
+                             v_fp8=config.compute_format == "fp8_pv")

@@ -32,6 +32,7 @@ SAS_POLY_COEFFS = (0.9999415, -0.6911163, 0.23018704, -0.03904148)
 SAS_POLY_MAX_REL_ERROR = 8.5e-5
 # 2^-n for n = 0..126 is exact in fp32 (normal range); past that the LUT returns 0.
 SAS_LUT_SIZE = 127
+E4M3_MAX = 448.0  # the largest finite float8 e4m3 (fn) value
 
 
 # ----------------------------------------------------------------------------- exact attention
@@ -145,6 +146,31 @@ def quantize_int8_blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, tor
     return codes, amax / 127.0
 
 
+def quantize_e4m3_blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP8 e4m3 per (batch, head, block of `block` rows): s = max|x| / 448 (e4m3's largest value).
+
+    x: [B, H, N, D] (any float dtype). Returns codes float8_e4m3fn [B, H, N, D], the fp32 value
+    x * (448 / amax) rounded to nearest even on the e4m3 grid (3 mantissa bits; relative error
+    <= 2^-4), and scales fp32 [B, H, ceil(N / block)]. A block of zeros gets scale 1 and codes 0
+    (so the kernel never divides by a zero scale). Dequantized: codes * s.
+    """
+    check_tensor("x", x, ndim=4)
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise ValueError(f"block must be a positive int, got {block!r}")
+    b, h, n, d = x.shape
+    nblocks = -(-n // block)
+    xf = x.float()
+    pad = nblocks * block - n
+    if pad:
+        xf = torch.nn.functional.pad(xf, (0, 0, 0, pad))
+    tiles = xf.view(b, h, nblocks, block, d)
+    amax = tiles.abs().amax(dim=(-1, -2))
+    inv = torch.where(amax > 0, E4M3_MAX / amax, torch.zeros_like(amax))
+    codes = (tiles * inv[..., None, None]).to(torch.float8_e4m3fn)
+    codes = codes.view(b, h, nblocks * block, d)[:, :, :n]
+    return codes, torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
+
+
 def dequantize_int8_blocks(codes: torch.Tensor, scales: torch.Tensor, block: int) -> torch.Tensor:
     """codes [B, H, N, D] int8 and scales [B, H, nblocks] -> fp32 values."""
     n = codes.shape[-2]
@@ -199,7 +225,7 @@ class QuantizedQKV(NamedTuple):
     q_scales: torch.Tensor  # fp32 [B, Hq, ceil(Nq / block_m)]
     k_codes: torch.Tensor  # int8 [B, Hkv, Nk, D] (smoothed if config.smooth_k)
     k_scales: torch.Tensor  # fp32 [B, Hkv, ceil(Nk / block_n)]
-    v_codes: torch.Tensor  # int8 [B, Hkv, Nk, D]
+    v_codes: torch.Tensor  # int8 [B, Hkv, Nk, D]; float8_e4m3fn with compute_format "fp8_pv"
     v_scales: torch.Tensor  # fp32 [B, Hkv, ceil(Nk / block_n)]
 
 
@@ -214,7 +240,8 @@ def quantize_qkv(q, k, v, config: KernelConfig | None = None, sm_scale: float | 
         qf, kf, _ = balance_qk_channels(qf, kf, config.balance)
     q_codes, q_scales = quantize_int8_blocks(qf, config.block_m)
     k_codes, k_scales = quantize_int8_blocks(kf, config.block_n)
-    v_codes, v_scales = quantize_int8_blocks(v, config.block_n)
+    quantize_v = quantize_e4m3_blocks if config.compute_format == "fp8_pv" else quantize_int8_blocks
+    v_codes, v_scales = quantize_v(v, config.block_n)
     return QuantizedQKV(q_codes, q_scales, k_codes, k_scales, v_codes, v_scales)
 
 
@@ -229,7 +256,8 @@ def flashq_attention(qkv: QuantizedQKV, causal: bool, config: KernelConfig) -> t
       alpha  = exp2(m_old - m_new);  r = exp2(m_ref - m_new)
       l      = l * alpha + r * sum_j p
       acc    = acc * alpha + (round(127 p) Vc_j) * (r * s_v / 127)   (round half to even)
-    and o = acc / l. With "row", P is quantized against its tile-row maximum (r carries the
+    and o = acc / l. compute_format "fp8_pv": Vc_j and round(127 p) are FP8 e4m3 instead
+    (`quantize_e4m3_blocks`; 127 p rounded to nearest even on the e4m3 grid), same formula. With "row", P is quantized against its tile-row maximum (r carries the
     difference to the running maximum), which keeps INT8 resolution on flat attention.
     Fully masked tile rows are exact no-ops; a tile whose every p is 0 adds nothing, so the
     kernel may skip its PV product without changing the result. Returns fp32 [B, Hq, Nq, D].
@@ -245,7 +273,10 @@ def flashq_attention(qkv: QuantizedQKV, causal: bool, config: KernelConfig) -> t
     # matmuls of the codes are exact (and TF32 can never round them).
     qc = q_codes.double()
     kc = k_codes.double().repeat_interleave(group, dim=1)
-    vc = v_codes.double().repeat_interleave(group, dim=1)
+    fp8_pv = config.compute_format == "fp8_pv"
+    if fp8_pv != (v_codes.dtype == torch.float8_e4m3fn):
+        raise ValueError(f"compute_format {config.compute_format!r} needs V codes of the matching format, got {v_codes.dtype}")
+    vc = v_codes.float().double().repeat_interleave(group, dim=1)
     ks = k_scales.repeat_interleave(group, dim=1)
     vs = v_scales.repeat_interleave(group, dim=1)
     qs_row = q_scales.repeat_interleave(bm, dim=-1)[..., :nq]  # [B, Hq, Nq]
@@ -269,7 +300,7 @@ def flashq_attention(qkv: QuantizedQKV, causal: bool, config: KernelConfig) -> t
         alpha = torch.where(torch.isfinite(m_new), alpha, torch.ones_like(alpha))
         r = torch.where(torch.isfinite(m_new), torch.exp2(m_ref_safe - m_new), torch.zeros_like(m_new))
         l_i = l_i * alpha + r * p.sum(dim=-1)
-        p_codes = torch.round(p * 127.0)
+        p_codes = (p * 127.0).to(torch.float8_e4m3fn).float() if fp8_pv else torch.round(p * 127.0)
         pv = torch.matmul(p_codes.double(), vc[:, :, start:stop]).float()
         acc = acc * alpha[..., None] + pv * (r * vs[:, :, j, None] / 127.0)[..., None]
         m_i = m_new

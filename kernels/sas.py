@@ -12,6 +12,10 @@ removes the offset. Conversions run at a fraction of the FMA rate on Hopper (DES
 
 `round_to_int8(p)`: p in [0, 127.x] -> int8 by the same trick (round to nearest even), instead
 of an F2I conversion.
+
+`to_e4m3(x)`: fp32 -> float8 e4m3 (round to nearest even), two values per conversion instruction
+on the GPU (F2FP ... E4M3 PACK_AB); under the interpreter the value is first rounded on the e4m3
+grid in fp32, because the interpreter's own fp32 -> fp8 conversion mis-rounds (127 -> 64).
 """
 
 import triton
@@ -69,3 +73,24 @@ def int_to_float_exact(i):
 def round_to_uint7(x):
     """fp32 x in [0, 127.5) -> int8 round-half-even(x), by FADD and a byte truncation (no F2I)."""
     return (x + MAGIC_F).to(tl.int32, bitcast=True).to(tl.int8)
+
+
+E4M3_MAX = tl.constexpr(448.0)
+
+
+@triton.jit
+def to_e4m3(x, FAST: tl.constexpr):
+    """fp32 x with |x| <= 448 -> float8e4nv, round to nearest even (torch's float8_e4m3fn rounding).
+
+    FAST: the GPU's conversion. Otherwise x is rounded on the e4m3 grid first (3 mantissa bits by
+    an integer add on its bits; below 2^-6, multiples of 2^-9 by a magic add), so the conversion
+    that follows is exact."""
+    if FAST:
+        return x.to(tl.float8e4nv)
+    else:
+        bits = x.to(tl.int32, bitcast=True)
+        normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000).to(tl.float32, bitcast=True)
+        mag = tl.abs(x)
+        sub = (mag + 16384.0) - 16384.0  # 2^14: the fp32 ulp there is 2^-9, e4m3's subnormal step
+        sub = tl.where(x < 0, -sub, sub)
+        return tl.where(mag < 0.015625, sub, normal).to(tl.float8e4nv)

@@ -1004,14 +1004,14 @@ def _callable_for(item: Mapping, device, dtype):
     scale = 1.0 / math.sqrt(d)
     if kernel in ("prefill", "quantize"):
         from kernels.prefill import launch_flashq
-        from kernels.quant import quantize_kv_tiles
+        from kernels.quant import quantize_kv_for, quantize_kv_tiles
 
         q, k, v = (torch.randn(b, h, n, d, **gen) for h in (hq, hkv, hkv))
         if kernel == "quantize":
             return (lambda: quantize_kv_tiles(q, k, v, config["block_n"], scale, config["smooth_k"])), (q, k, v)
         cfg = KernelConfig(**{f: config[f] for f in ("block_m", "block_n", "num_warps", "num_stages", "use_sas",
-                                                     "sparsity_threshold")})
-        kv = quantize_kv_tiles(q, k, v, cfg.block_n, scale, cfg.smooth_k, cfg.balance)
+                                                     "sparsity_threshold", "compute_format") if f in config})
+        kv = quantize_kv_for(q, k, v, cfg, scale)
         out = torch.empty_like(q)
         return (lambda: launch_flashq(q, kv, out, True, cfg, scale)), (q, k, v, kv, out)
     if kernel == "sdpa_prefill_fp16":
