@@ -428,6 +428,7 @@ def turbo_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
         from .loader import load_config
 
         config = load_config(head_dim=d, seq_len=nq)
+    check_gpu_tiles(config, d, q.device)  # before the quantization pass launches anything
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
     kv = quantize_kv_for(q, k, v, config, scale, kv_cache=kv_cache)
     out = torch.empty((b, hq, nq, d), device=q.device, dtype=q.dtype)

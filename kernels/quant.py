@@ -249,24 +249,22 @@ def _smoothing_kernel(QPART, KPART, SMOOTH, GROUP, n_k_rows, n_chunks_q, n_chunk
 
 
 @triton.jit
-def _quantize_rows(x, mask):
-    """Symmetric INT8 of a masked tile: (codes int8, scale = amax / 127)."""
+def _quantize_rows(x, mask, FP8: tl.constexpr, FAST: tl.constexpr):
+    """Symmetric 8-bit codes of a masked tile and its scale: INT8 (round half away from zero),
+    scale amax / 127; FP8: e4m3 (round to nearest even; FAST: the GPU's conversion), scale
+    amax / 448, or 1 for a tile of zeros."""
     x = tl.where(mask, x, 0.0)
     amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
-    inv = tl.where(amax > 0, 127.0 / amax, 0.0)
-    y = x * inv
-    codes = (y + tl.where(y >= 0, 0.5, -0.5)).to(tl.int32)
-    codes = tl.minimum(tl.maximum(codes, -127), 127).to(tl.int8)
-    return codes, amax / 127.0
-
-
-@triton.jit
-def _quantize_rows_e4m3(x, mask, FAST: tl.constexpr):
-    """FP8 e4m3 of a masked tile: (codes, scale = amax / 448, or 1 for a tile of zeros)."""
-    x = tl.where(mask, x, 0.0)
-    amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
-    inv = tl.where(amax > 0, E4M3_MAX / amax, 0.0)
-    return to_e4m3(tl.minimum(tl.maximum(x * inv, -E4M3_MAX), E4M3_MAX), FAST), tl.where(amax > 0, amax / E4M3_MAX, 1.0)
+    if FP8:
+        inv = tl.where(amax > 0, E4M3_MAX / amax, 0.0)
+        codes = to_e4m3(tl.minimum(tl.maximum(x * inv, -E4M3_MAX), E4M3_MAX), FAST)
+        return codes, tl.where(amax > 0, amax / E4M3_MAX, 1.0)
+    else:
+        inv = tl.where(amax > 0, 127.0 / amax, 0.0)
+        y = x * inv
+        codes = (y + tl.where(y >= 0, 0.5, -0.5)).to(tl.int32)
+        codes = tl.minimum(tl.maximum(codes, -127), 127).to(tl.int8)
+        return codes, amax / 127.0
 
 
 @triton.jit
@@ -302,15 +300,12 @@ def _quantize_kv_kernel(Kx, Vx, KC, VT, KS, VS, SMOOTH, stride_kb, stride_kh, st
         if SMOOTH_K:
             vec = SMOOTH + pid_bh.to(tl.int64) * 3 * DP
             k = (k - tl.load(vec + offs_d)[None, :]) * tl.load(vec + DP + offs_d)[None, :]
-        k_codes, k_scale = _quantize_rows(k, mask)
+        k_codes, k_scale = _quantize_rows(k, mask, False, FAST)
         out = pid_bh.to(tl.int64) * N_PAD * DP
         tl.store(KC + out + offs_n[:, None] * DP + offs_d[None, :], k_codes)
         tl.store(KS + pid_bh.to(tl.int64) * n_tiles + pid_t, k_scale)
         v = tl.load(v_head + rows * stride_vn + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-        if V_FP8:
-            v_codes, v_scale = _quantize_rows_e4m3(v, mask, FAST)
-        else:
-            v_codes, v_scale = _quantize_rows(v, mask)
+        v_codes, v_scale = _quantize_rows(v, mask, V_FP8, FAST)
         tl.store(VT + out + offs_d[None, :] * N_PAD + offs_n[:, None], v_codes)
         tl.store(VS + pid_bh.to(tl.int64) * n_tiles + pid_t, v_scale)
     if CACHE:

@@ -120,14 +120,8 @@ def balance_qk_channels(q: torch.Tensor, k: torch.Tensor, mode: str = "qk") -> t
     return q_out, k_out, c
 
 
-def quantize_int8_blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric INT8 per (batch, head, block of `block` rows): s = max|x| / 127.
-
-    x: [B, H, N, D] (any float dtype). Returns codes int8 [B, H, N, D] with
-    code = trunc(x * (127 / amax) +- 0.5) (round half away from zero; the kernels do the same),
-    and scales fp32 [B, H, ceil(N / block)]. A block of zeros gets scale 0 and codes 0.
-    Dequantized, |x - code * s| <= s / 2.
-    """
+def _block_tiles(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tiles fp32 [B, H, nblocks, block, D], zero-padded past N; their max |x| [B, H, nblocks])."""
     check_tensor("x", x, ndim=4)
     if isinstance(block, bool) or not isinstance(block, int) or block < 1:
         raise ValueError(f"block must be a positive int, got {block!r}")
@@ -138,12 +132,28 @@ def quantize_int8_blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, tor
     if pad:
         xf = torch.nn.functional.pad(xf, (0, 0, 0, pad))
     tiles = xf.view(b, h, nblocks, block, d)
-    amax = tiles.abs().amax(dim=(-1, -2))
+    return tiles, tiles.abs().amax(dim=(-1, -2))
+
+
+def _block_rows(codes: torch.Tensor, n: int) -> torch.Tensor:
+    """[B, H, nblocks, block, D] -> [B, H, n, D] (the padding rows dropped)."""
+    b, h, nblocks, block, d = codes.shape
+    return codes.view(b, h, nblocks * block, d)[:, :, :n]
+
+
+def quantize_int8_blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric INT8 per (batch, head, block of `block` rows): s = max|x| / 127.
+
+    x: [B, H, N, D] (any float dtype). Returns codes int8 [B, H, N, D] with
+    code = trunc(x * (127 / amax) +- 0.5) (round half away from zero; the kernels do the same),
+    and scales fp32 [B, H, ceil(N / block)]. A block of zeros gets scale 0 and codes 0.
+    Dequantized, |x - code * s| <= s / 2.
+    """
+    tiles, amax = _block_tiles(x, block)
     inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
     y = tiles * inv[..., None, None]
     codes = torch.trunc(y + torch.where(y >= 0, 0.5, -0.5)).clamp(-127, 127).to(torch.int8)
-    codes = codes.view(b, h, nblocks * block, d)[:, :, :n]
-    return codes, amax / 127.0
+    return _block_rows(codes, x.shape[2]), amax / 127.0
 
 
 def quantize_e4m3_blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,21 +164,10 @@ def quantize_e4m3_blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, tor
     <= 2^-4), and scales fp32 [B, H, ceil(N / block)]. A block of zeros gets scale 1 and codes 0
     (so the kernel never divides by a zero scale). Dequantized: codes * s.
     """
-    check_tensor("x", x, ndim=4)
-    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
-        raise ValueError(f"block must be a positive int, got {block!r}")
-    b, h, n, d = x.shape
-    nblocks = -(-n // block)
-    xf = x.float()
-    pad = nblocks * block - n
-    if pad:
-        xf = torch.nn.functional.pad(xf, (0, 0, 0, pad))
-    tiles = xf.view(b, h, nblocks, block, d)
-    amax = tiles.abs().amax(dim=(-1, -2))
+    tiles, amax = _block_tiles(x, block)
     inv = torch.where(amax > 0, E4M3_MAX / amax, torch.zeros_like(amax))
     codes = (tiles * inv[..., None, None]).to(torch.float8_e4m3fn)
-    codes = codes.view(b, h, nblocks * block, d)[:, :, :n]
-    return codes, torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
+    return _block_rows(codes, x.shape[2]), torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
 
 
 def dequantize_int8_blocks(codes: torch.Tensor, scales: torch.Tensor, block: int) -> torch.Tensor:
